@@ -1,0 +1,237 @@
+"""Extract one pooled hidden-state vector per text, for the requested decoder layers only.
+
+Layer ``i``'s state is the *output* of decoder layer ``i`` (the residual stream after that block,
+before the final norm). Pooling is over real tokens only, found from the attention mask: ``last``
+takes the last real token (what Lens probes and trains), ``mean`` averages all real tokens. Forward
+hooks pool inside the pass and the pass stops after the highest requested layer, so memory grows with
+``texts x kept layers x hidden``, never with all layers x tokens. Positions are computed from the
+attention mask, so left and right padding, batched and one-by-one runs give the same vectors.
+
+Results are cached on disk as safetensors, keyed by everything that could change them: model id,
+revision, weights fingerprint, layers, pooling, the exact prompt template, and a hash of the texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from lenssteer.hooks import StopForward, hooked, last_real_positions, position_ids_from_mask
+from lenssteer.io import atomic_save_tensors
+from lenssteer.models import ModuleNames, cache_root, find_decoder_layers, model_identity
+
+Pooling = Literal["last", "mean"]
+POOLINGS = ("last", "mean")
+
+
+class TemplateError(ValueError):
+    """A chat template was asked for but the tokenizer has none."""
+
+
+def format_texts(tokenizer, texts: Sequence[str], chat_template: bool) -> list[str]:
+    """Wrap each text as a user turn plus the generation prompt (as Lens does), or leave it raw."""
+    if not chat_template:
+        return list(texts)
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
+            "use chat_template=False (CLI: --no-chat-template) for base models"
+        )
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        for text in texts
+    ]
+
+
+def template_signature(tokenizer, chat_template: bool) -> str:
+    """A short id of the prompt format, stored with subspaces and adapters and used in cache keys."""
+    if not chat_template:
+        return "raw"
+    digest = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:12]
+    return f"chat:{digest}"
+
+
+def tokenize(tokenizer, prompts: Sequence[str], chat_template: bool) -> dict[str, torch.Tensor]:
+    """Tokenize formatted prompts with padding; templated text already carries its special tokens."""
+    return tokenizer(
+        list(prompts),
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=not chat_template,
+    )
+
+
+def _cache_key(model: nn.Module, tokenizer, texts, layers, pooling, chat_template) -> str:
+    identity = model_identity(model)
+    text_hash = hashlib.sha256()
+    for text in texts:
+        text_hash.update(text.encode())
+        text_hash.update(b"\x00")
+    key = json.dumps(
+        {
+            **identity,
+            "layers": list(layers),
+            "pooling": pooling,
+            "template": template_signature(tokenizer, chat_template),
+            "bos": getattr(tokenizer, "bos_token", None),
+            "texts": text_hash.hexdigest(),
+            "n": len(texts),
+            "version": 1,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def pooled_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int],
+    pooling: Pooling = "last",
+    module_names: ModuleNames | None = None,
+) -> torch.Tensor:
+    """Pooled outputs of the given (absolute, sorted) decoder layers for one batch.
+
+    ``input_ids``, ``attention_mask``: ``(batch, seq)``. Returns ``(batch, len(layers), hidden)``.
+    """
+    decoder_layers = find_decoder_layers(model, module_names)
+    last = last_real_positions(attention_mask)
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    pooled: dict[int, torch.Tensor] = {}
+    top = max(layers)
+
+    def make_hook(index: int):
+        def hook(_module: nn.Module, hidden: torch.Tensor) -> None:
+            if pooling == "last":
+                pooled[index] = hidden[rows, last].float()
+            else:
+                pooled[index] = (hidden.float() * mask).sum(1) / mask.sum(1)
+            if index == top:
+                raise StopForward
+
+        return hook
+
+    with hooked([(decoder_layers[i], make_hook(i)) for i in layers]):
+        try:
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        except StopForward:
+            pass
+    return torch.stack([pooled[i] for i in layers], dim=1)
+
+
+def extract_states(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    pooling: Pooling = "last",
+    chat_template: bool = False,
+    batch_size: int = 16,
+    cache_dir: str | Path | None | Literal[False] = None,
+    progress: bool = True,
+    module_names: ModuleNames | None = None,
+    description: str = "extract",
+) -> torch.Tensor:
+    """Pooled hidden states of ``texts`` at ``layers``: ``(n_texts, len(layers), hidden)``, float32.
+
+    ``layers`` are absolute indices (see :func:`lenssteer.models.resolve_layers`). ``cache_dir=None``
+    uses ``$LENSSTEER_CACHE/states``; ``False`` disables the cache.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_layers = len(find_decoder_layers(model, module_names))
+    layers = sorted(set(int(i) for i in layers))
+    if not layers or layers[0] < 0 or layers[-1] >= n_layers:
+        raise ValueError(f"layers {layers} must be absolute indices in 0..{n_layers - 1}")
+    for position, text in enumerate(texts):
+        if not text or not text.strip():
+            raise ValueError(f"text #{position + 1} is empty")
+
+    cache_path = None
+    if cache_dir is not False:
+        folder = Path(cache_dir) if cache_dir is not None else cache_root() / "states"
+        key = _cache_key(model, tokenizer, texts, layers, pooling, chat_template)
+        cache_path = folder / f"{key}.safetensors"
+        if cache_path.is_file():
+            return load_file(cache_path)["states"]
+
+    prompts = format_texts(tokenizer, texts, chat_template)
+    lengths = [len(ids) for ids in tokenize(tokenizer, prompts, chat_template)["input_ids"]]
+    # Shortest first keeps padding small; results are put back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    device = next(model.parameters()).device
+    out: torch.Tensor | None = None
+    with tqdm(total=len(prompts), desc=description, unit="text", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenize(tokenizer, [prompts[i] for i in chunk], chat_template)
+            states = pooled_states(
+                model,
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                layers,
+                pooling,
+                module_names,
+            ).cpu()
+            if out is None:
+                out = torch.empty(len(prompts), len(layers), states.shape[-1])
+            out[torch.tensor(chunk)] = states
+            bar.update(len(chunk))
+    assert out is not None
+    if cache_path is not None:
+        atomic_save_tensors({"states": out}, cache_path)
+    return out
+
+
+def extract_corpus(
+    model: nn.Module,
+    tokenizer,
+    corpus,
+    layers: Sequence[int],
+    pooling: Pooling = "last",
+    chat_template: bool = False,
+    batch_size: int = 16,
+    cache_dir: str | Path | None | Literal[False] = None,
+    progress: bool = True,
+    module_names: ModuleNames | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pooled states of every language of a :class:`~lenssteer.data.ParallelCorpus`.
+
+    Returns ``{language: (n_items, len(layers), hidden)}`` in the corpus' language order.
+    """
+    return {
+        language: extract_states(
+            model,
+            tokenizer,
+            corpus.texts[language],
+            layers,
+            pooling=pooling,
+            chat_template=chat_template,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            progress=progress,
+            module_names=module_names,
+            description=f"extract {language}",
+        )
+        for language in corpus.languages
+    }
