@@ -28,7 +28,9 @@ def main_output(output: Any) -> torch.Tensor:
         return output[0]
     if hasattr(output, "last_hidden_state"):
         return output.last_hidden_state
-    raise TypeError(f"cannot find the hidden-state tensor in a module output of type {type(output)}")
+    raise TypeError(
+        f"cannot find the hidden-state tensor in a module output of type {type(output)}"
+    )
 
 
 def _replace_main_output(output: Any, new: torch.Tensor) -> Any:

@@ -62,7 +62,9 @@ class BundledModel:
     description: str
     install: str  # the pip command that provides the file
     packages: tuple[str, ...]  # importable module names that hold the file (in concatenation order)
-    file_names: tuple[str, ...]  # the file (or the parts) inside each package, relative to its folder
+    file_names: tuple[
+        str, ...
+    ]  # the file (or the parts) inside each package, relative to its folder
     gguf_name: str
     sha256: str
     licence: str

@@ -49,7 +49,9 @@ def make_tiny_model(arch: str, vocab_size: int = 49152, n_layers: int = 4, seed:
     elif arch == "gemma3":
         config = Gemma3TextConfig(**common, head_dim=8, sliding_window=16, query_pre_attn_scalar=8)
     elif arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n_layers, n_head=4, n_positions=256)
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=32, n_layer=n_layers, n_head=4, n_positions=256
+        )
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
