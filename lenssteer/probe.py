@@ -1,0 +1,119 @@
+"""The probe stage end to end: parallel text -> pooled states -> language subspaces on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lenssteer.extract import Pooling, extract_corpus, template_signature
+from lenssteer.models import (
+    ModuleNames,
+    load_model,
+    model_identity,
+    num_decoder_layers,
+    resolve_layers,
+)
+from lenssteer.subspace import Subspace, compute_subspace
+
+
+def resolve_chat_template(tokenizer, chat_template: bool | None) -> bool:
+    """``None`` means: use the chat template when the tokenizer has one (instruct models)."""
+    if chat_template is None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    return chat_template
+
+
+def probe(
+    model: str,
+    corpus: str = "bible",
+    languages: Sequence[str] = ("en", "fr", "de", "es", "ru"),
+    central_language: str = "en",
+    layers: str | Sequence[int] = "top:2",
+    limit: int | None = 300,
+    out: str | Path | None = None,
+    rank: int | None = None,
+    pooling: Pooling = "last",
+    chat_template: bool | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    module_names: ModuleNames | None = None,
+    progress: bool = True,
+    loaded=None,
+) -> Subspace:
+    """Compute (and, with ``out``, save) the language subspaces of ``model`` on a parallel corpus.
+
+    ``loaded`` may pass an already loaded ``(tokenizer, model)`` pair to skip loading.
+    """
+    from lenssteer.data import load_corpus
+
+    parallel = load_corpus(
+        corpus, languages, central_language=central_language, limit=limit, seed=seed
+    )
+    tokenizer, lm = loaded if loaded is not None else load_model(model)
+    absolute = resolve_layers(layers, num_decoder_layers(lm, module_names))
+    use_template = resolve_chat_template(tokenizer, chat_template)
+    states = extract_corpus(
+        lm,
+        tokenizer,
+        parallel,
+        absolute,
+        pooling=pooling,
+        chat_template=use_template,
+        batch_size=batch_size,
+        progress=progress,
+        module_names=module_names,
+    )
+    identity = model_identity(lm)
+    subspace = compute_subspace(
+        states,
+        absolute,
+        central_language,
+        rank=rank,
+        seed=seed,
+        metadata={
+            "model": identity["model"],
+            "revision": identity["revision"],
+            "fingerprint": identity["fingerprint"],
+            "num_layers": num_decoder_layers(lm, module_names),
+            "pooling": pooling,
+            "template": template_signature(tokenizer, use_template),
+            "corpus": parallel.source,
+            "data_hash": parallel.data_hash(),
+            "licences": parallel.licences,
+        },
+    )
+    if out is not None:
+        subspace.save(out)
+    return subspace
+
+
+def format_diagnostics(subspace: Subspace) -> str:
+    """A Markdown table of the subspace diagnostics, one row per layer."""
+    reports = subspace.metadata.get("diagnostics", [])
+    targets = [lang for lang in subspace.languages if lang != subspace.central_language]
+    header = (
+        "| layer | lang-ID acc | retrieval before | retrieval after | "
+        + " | ".join(f"{subspace.central_language}->{t} before/after" for t in targets)
+        + " | explained var (top r) |"
+    )
+    lines = [header, "|" + "---|" * (5 + len(targets))]
+    for report in reports:
+        cells = [
+            str(report["layer"]),
+            f"{report['language_id_accuracy']:.3f}",
+            f"{report['retrieval_before_mean']:.3f}",
+            f"{report['retrieval_after_mean']:.3f}",
+            *(
+                f"{report['retrieval_before'][t]:.2f}/{report['retrieval_after'][t]:.2f}"
+                for t in targets
+            ),
+            f"{sum(report['explained_variance']):.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if reports:
+        r = reports[0]
+        lines.append(
+            f"\n{r['n_train_items']} items fit the diagnostic subspace, {r['n_heldout_items']} held-out "
+            f"items per language are scored (retrieval: top-1 among {r['n_heldout_items']})."
+        )
+    return "\n".join(lines)
