@@ -116,8 +116,8 @@ def _add_probe(subparsers) -> None:
     parser.add_argument(
         "--layers",
         default="top:2",
-        help="'top:K', or comma-separated indices; negative count from the top, -1 = last decoder "
-        "layer (default: top:2)",
+        help="'all', 'top:K', or comma-separated indices; negative ones count from the top, -1 = last "
+        "decoder layer; write negative lists as --layers=-1,-2 (default: top:2)",
     )
     parser.add_argument(
         "--rank", type=_positive_int, help="specific-subspace rank r (default: languages - 1)"

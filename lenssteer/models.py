@@ -397,7 +397,7 @@ def find_layer_modules(
 
 
 def resolve_layers(spec: str | int | list[int] | tuple[int, ...], n_layers: int) -> list[int]:
-    """Absolute, sorted, unique layer indices from ``"top:K"``, ``"-1,-2"``, ``"20,21"`` or ints.
+    """Absolute, sorted, unique layer indices from ``"all"``, ``"top:K"``, ``"-1,-2"``, ``"20,21"`` or ints.
 
     Negative indices count from the top (``-1`` is the last decoder layer).
     """
@@ -405,6 +405,8 @@ def resolve_layers(spec: str | int | list[int] | tuple[int, ...], n_layers: int)
         items: list[int | str] = [spec]
     elif isinstance(spec, str):
         text = spec.strip()
+        if text == "all":
+            return list(range(n_layers))
         if text.startswith("top:"):
             count_text = text[4:]
             if not count_text.isdigit() or int(count_text) < 1:

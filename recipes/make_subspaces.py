@@ -1,0 +1,46 @@
+"""Recompute the subspaces shipped in ``subspaces/`` (re-run it to reproduce them exactly).
+
+For each bundled instruct model: public-domain Bible verses in en, fr, de, es, it, ru, ar (a
+deterministic sample), every decoder layer, last-token pooling inside the chat template (what
+Lens trains on), rank K-1. Run: ``.venv/bin/python recipes/make_subspaces.py [--models NAME ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lenssteer.probe import format_diagnostics, probe
+
+ROOT = Path(__file__).resolve().parent.parent
+LANGUAGES = ["en", "fr", "de", "es", "it", "ru", "ar"]
+MODELS = ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--limit", type=int, default=300, help="verses per language (default 300)")
+    args = parser.parse_args()
+    for model in args.models:
+        out = ROOT / "subspaces" / f"{model}-bible-{len(LANGUAGES)}lang"
+        subspace = probe(
+            model,
+            corpus="bible",
+            languages=LANGUAGES,
+            central_language="en",
+            layers="all",
+            limit=args.limit,
+            out=out,
+            seed=0,
+        )
+        (out / "DIAGNOSTICS.md").write_text(
+            f"# {model}: language subspaces (all layers)\n\nMade by `python recipes/make_subspaces.py "
+            f"--models {model} --limit {args.limit}`. Text: {subspace.metadata['corpus']} "
+            "(public domain).\n\n" + format_diagnostics(subspace) + "\n"
+        )
+        print(f"{model}: written to {out}")
+
+
+if __name__ == "__main__":
+    main()
