@@ -1,0 +1,164 @@
+"""Each Lens loss against values worked out by hand on 2-d states, plus the reference code's faults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lenssteer.objectives import (
+    LensObjective,
+    lens_losses,
+    pull_loss,
+    push_loss,
+    retain_loss,
+    specific_part,
+)
+
+# One layer, hidden size 2, a 1-d specific subspace along the x axis.
+X_AXIS = torch.tensor([[[1.0, 0.0]]])  # (L=1, r=1, H=2)
+
+
+def t(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_specific_part_projects_on_the_basis():
+    basis = torch.tensor([[[0.6, 0.8]]])  # unit vector
+    hidden = t([1.0, 2.0]).reshape(1, 1, 2)  # (B, L, H)
+    # <h, u> = 0.6 + 1.6 = 2.2 -> 2.2 * (0.6, 0.8)
+    torch.testing.assert_close(specific_part(hidden, basis), torch.tensor([[[1.32, 1.76]]]))
+
+
+def test_pull_by_hand():
+    target = t([3.0, 4.0]).reshape(1, 1, 1, 2)  # (B, T, L, H)
+    frozen_central = t([1.0, 1.0]).reshape(1, 1, 2)  # (B, L, H)
+    # difference (2, 3); its agnostic part (x removed) is (0, 3); mean of squares = 9 / 2
+    assert pull_loss(target, frozen_central, X_AXIS).item() == pytest.approx(4.5)
+
+
+def test_pull_by_hand_rotated_basis_two_items():
+    basis = torch.tensor([[[0.6, 0.8]]])
+    target = t([[1.0, 2.0]], [[0.0, 0.0]]).reshape(2, 1, 1, 2)
+    frozen_central = t([[0.0, 0.0]], [[0.8, -0.6]]).reshape(2, 1, 2)
+    # item 1: diff (1, 2), <diff,u> = 2.2, agnostic = (1 - 1.32, 2 - 1.76) = (-0.32, 0.24): sq 0.16
+    # item 2: diff (-0.8, 0.6) is orthogonal to u, agnostic = itself: sq 1.0
+    # mean over 2 items x 2 units = (0.16 + 1.0) / 4
+    assert pull_loss(target, frozen_central, basis).item() == pytest.approx(0.29)
+
+
+def test_push_by_hand():
+    target = t([3.0, 4.0]).reshape(1, 1, 1, 2)
+    frozen_target = t([2.0, 0.0]).reshape(1, 1, 1, 2)
+    direction = t([1.0, 0.0]).reshape(1, 1, 2)  # (T, L, H)
+    # moved specific = (1, 0); minus alpha * d = (1 - 2, 0) = (-1, 0); mean of squares = 1 / 2
+    assert push_loss(target, frozen_target, direction, X_AXIS, alpha=2.0).item() == pytest.approx(
+        0.5
+    )
+    # with alpha = 1 the specific component moved exactly by the direction: zero loss
+    assert push_loss(target, frozen_target, direction, X_AXIS, alpha=1.0).item() == pytest.approx(
+        0.0
+    )
+
+
+def test_push_ignores_the_agnostic_part():
+    frozen_target = t([2.0, 0.0]).reshape(1, 1, 1, 2)
+    direction = t([1.0, 0.0]).reshape(1, 1, 2)
+    a = push_loss(t([3.0, 4.0]).reshape(1, 1, 1, 2), frozen_target, direction, X_AXIS, 1.5)
+    b = push_loss(t([3.0, -7.0]).reshape(1, 1, 1, 2), frozen_target, direction, X_AXIS, 1.5)
+    assert a.item() == pytest.approx(b.item()) == pytest.approx(0.125)  # (0.5^2) / 2
+
+
+def test_retain_by_hand():
+    central = t([[1.0, 2.0]], [[0.0, 0.0]]).reshape(2, 1, 2)
+    frozen = t([[1.0, 1.0]], [[2.0, 0.0]]).reshape(2, 1, 2)
+    # squared differences 0, 1, 4, 0 -> mean 5 / 4
+    assert retain_loss(central, frozen).item() == pytest.approx(1.25)
+
+
+def _two_language_batch():
+    # (B=1, K=2, L=1, H=2); language 0 is central
+    states = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])
+    frozen = torch.tensor([[[[1.0, 1.0]], [[2.0, 0.0]]]])
+    directions = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]]])  # (K, L, H)
+    return states, frozen, directions
+
+
+def test_lens_losses_weighted_sum_by_hand():
+    states, frozen, directions = _two_language_batch()
+    objective = LensObjective(pull_weight=2.0, push_weight=3.0, retain_weight=5.0, alpha=2.0)
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, objective)
+    # pull: target (3,4) vs frozen central (1,1): 4.5; push: 0.5 (see above); retain: 0.5
+    assert out["pull"].item() == pytest.approx(4.5)
+    assert out["push"].item() == pytest.approx(0.5)
+    assert out["retain"].item() == pytest.approx(0.5)
+    assert out["loss"].item() == pytest.approx(2 * 4.5 + 3 * 0.5 + 5 * 0.5)
+
+
+def test_weight_multiplies_the_loss_not_the_target():
+    """Lens fault: ``pull_weight`` scaled the target direction instead of weighting the loss."""
+    states, frozen, directions = _two_language_batch()
+    one = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(1.0, 1.0, 1.0, 2.0))
+    for name in ("pull", "push", "retain"):
+        weights = {"pull_weight": 1.0, "push_weight": 1.0, "retain_weight": 1.0}
+        weights[f"{name}_weight"] = 7.0
+        out = lens_losses(
+            states, frozen, X_AXIS, directions, 0, LensObjective(**weights, alpha=2.0)
+        )
+        assert out[name].item() == pytest.approx(one[name].item())  # term unchanged
+        assert out["loss"].item() == pytest.approx(one["loss"].item() + 6 * one[name].item())
+
+
+def test_alpha_changes_push_only():
+    states, frozen, directions = _two_language_batch()
+    a = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=1.0))
+    b = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=3.0))
+    assert a["pull"].item() == b["pull"].item() and a["retain"].item() == b["retain"].item()
+    assert a["push"].item() == pytest.approx(0.0) and b["push"].item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("off", ["pull", "push", "retain"])
+def test_any_weight_may_be_zero(off):
+    """Lens fault: turning a term off crashed. A zero-weight term is neither computed nor needed."""
+    states, frozen, directions = _two_language_batch()
+    weights = {"pull_weight": 1.0, "push_weight": 1.0, "retain_weight": 1.0}
+    weights[f"{off}_weight"] = 0.0
+    states.requires_grad_(True)
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(**weights))
+    assert off not in out
+    out["loss"].backward()
+    assert torch.isfinite(states.grad).all()
+
+
+def test_only_one_term_left():
+    states, frozen, directions = _two_language_batch()
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(0.0, 0.0, 1.0))
+    assert set(out) == {"loss", "retain"} and out["loss"].item() == pytest.approx(0.5)
+
+
+def test_all_zero_weights_or_bad_values_are_errors():
+    with pytest.raises(ValueError, match="nothing to train"):
+        LensObjective(0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="pull_weight"):
+        LensObjective(pull_weight=-1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        LensObjective(alpha=float("nan"))
+
+
+def test_frozen_states_get_no_gradient():
+    states, frozen, directions = _two_language_batch()
+    frozen.requires_grad_(True)
+    states.requires_grad_(True)
+    lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective())["loss"].backward()
+    assert frozen.grad is None
+    # pull moves the target, not the central language (the anchor is the frozen state)
+    assert states.grad[0, 1].abs().sum() > 0
+
+
+def test_central_index_other_than_zero():
+    states, frozen, directions = _two_language_batch()
+    swapped = lens_losses(
+        states.flip(1), frozen.flip(1), X_AXIS, directions.flip(0), 1, LensObjective(alpha=2.0)
+    )
+    straight = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=2.0))
+    for key in straight:
+        assert swapped[key].item() == pytest.approx(straight[key].item())
