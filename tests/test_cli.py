@@ -1,0 +1,120 @@
+"""The command line end to end on a tiny model folder and a small corpus file, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_tiny_model
+
+from lenssteer.cli import main
+from lenssteer.subspace import Subspace
+
+LANGS = ["en", "fr", "de"]
+ROWS = [
+    {
+        "en": f"Verse number {i} speaks of the sea.",
+        "fr": f"Le verset {i} parle de la mer.",
+        "de": f"Vers {i} spricht vom Meer.",
+    }
+    for i in range(12)
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "parallel.jsonl"
+    path.write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ROWS), encoding="utf-8"
+    )
+    return str(path)
+
+
+def probe_args(model, corpus, *extra):
+    return [
+        "probe",
+        "--model",
+        model,
+        "--corpus",
+        corpus,
+        "--languages",
+        ",".join(LANGS),
+        "--limit",
+        "12",
+        *extra,
+    ]
+
+
+def test_probe_writes_subspace_and_prints_diagnostics(tiny_folder, corpus_file, tmp_path, capsys):
+    out = tmp_path / "sub"
+    assert main(probe_args(tiny_folder, corpus_file, "--layers=-1,-2", "--out", str(out))) == 0
+    printed = capsys.readouterr().out
+    assert "lang-ID acc" in printed and "en->fr" in printed
+    subspace = Subspace.load(out)
+    assert subspace.layers == [2, 3] and subspace.languages == LANGS and subspace.rank == 2
+    assert subspace.metadata["pooling"] == "last" and subspace.metadata["template"].startswith(
+        "chat:"
+    )
+    assert subspace.metadata["n_items"] == 12 and len(subspace.metadata["data_hash"]) == 16
+
+
+def _error_of(args, capsys) -> str:
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def test_unknown_model_name(capsys, corpus_file):
+    assert "unknown model 'no-such-model'" in _error_of(
+        probe_args("no-such-model", corpus_file), capsys
+    )
+
+
+def test_layer_out_of_range(tiny_folder, corpus_file, capsys):
+    err = _error_of(probe_args(tiny_folder, corpus_file, "--layers", "7"), capsys)
+    assert "layer index 7 is out of range" in err and "4 decoder layers" in err
+
+
+def test_rank_not_below_number_of_languages(tiny_folder, corpus_file, capsys):
+    err = _error_of(probe_args(tiny_folder, corpus_file, "--rank", "3"), capsys)
+    assert "rank 3 is invalid for 3 languages" in err
+
+
+def test_unknown_language_code(tiny_folder, corpus_file, capsys):
+    args = probe_args(tiny_folder, corpus_file)
+    args[args.index("--languages") + 1] = "en,fr,xx"
+    assert "xx" in _error_of(args, capsys)
+
+
+def test_misaligned_corpus_rows(tiny_folder, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    rows = [dict(row) for row in ROWS]
+    del rows[4]["de"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    err = _error_of(probe_args(tiny_folder, str(path)), capsys)
+    assert "bad.jsonl" in err and "de" in err
+
+
+def test_empty_corpus_item(tiny_folder, tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    rows = [dict(row) for row in ROWS]
+    rows[6]["fr"] = "   "
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    err = _error_of(probe_args(tiny_folder, str(path)), capsys)
+    assert "empty.jsonl" in err and "fr" in err and "7" in err  # row 7 as a user counts
+
+
+def test_help_explains_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["probe", "--help"])
+    assert exit_info.value.code == 0
+    assert "language-ID accuracy" in " ".join(capsys.readouterr().out.split())
