@@ -1,6 +1,6 @@
 """Recompute the subspaces shipped in ``subspaces/`` (re-run it to reproduce them exactly).
 
-For each bundled instruct model: public-domain Bible verses in en, fr, de, es, it, ru, ar (a
+For each bundled instruct model: public-domain Bible verses in en, fr, de, es, ru (a
 deterministic sample), every decoder layer, last-token pooling inside the chat template (what
 Lens trains on), rank K-1. Run: ``.venv/bin/python recipes/make_subspaces.py [--models NAME ...]``.
 """
@@ -13,14 +13,14 @@ from pathlib import Path
 from lenssteer.probe import format_diagnostics, probe
 
 ROOT = Path(__file__).resolve().parent.parent
-LANGUAGES = ["en", "fr", "de", "es", "it", "ru", "ar"]
+LANGUAGES = ["en", "fr", "de", "es", "ru"]
 MODELS = ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--limit", type=int, default=300, help="verses per language (default 300)")
+    parser.add_argument("--limit", type=int, default=200, help="verses per language (default 200)")
     args = parser.parse_args()
     for model in args.models:
         out = ROOT / "subspaces" / f"{model}-bible-{len(LANGUAGES)}lang"
