@@ -1,0 +1,716 @@
+"""Scoring, confidence intervals and the comparison report.
+
+What is measured:
+
+* **Option log-likelihood.** For a prompt (the *context*) and a candidate answer (the
+  *continuation*), the sum of the log-probabilities of the continuation's tokens, each given the
+  context and the continuation tokens before it: ``log p(c_1..c_n | x) = sum_i log p(c_i | x,
+  c_<i)``. A multiple-choice item is answered by the option with the highest score. Two scores are
+  kept for every option: the sum (``acc``) and the sum divided by the option's length in UTF-8 bytes
+  (``acc_norm``, lm-evaluation-harness' convention, which removes the bias of the sum towards short
+  options). For single-letter options the two agree. Which one a task reports as primary is part of
+  the task's definition (see :mod:`lenssteer.task_registry`).
+* **Greedy generation**: the model's own answer to a prompt, decoded greedily with a plain
+  generation config (no sampling, no repetition penalty), and the language that an offline
+  language-identification model (``py3langid``) assigns to it.
+
+Scoring is batched with padding on either side; positions come from the attention mask, so a batch
+gives the same numbers as one item at a time, and left and right padding agree (tests check both).
+Identical model inputs are run once (the four letter options of a question share one forward
+pass), and with left padding only the logits of the scored positions are computed.
+
+Intervals (all 95% by default): a proportion of one language gets a **Wilson score interval**; an
+average over languages and any difference between two systems get a **percentile bootstrap**,
+resampling items (within each language, stratified) and, for differences, resampling the *same*
+items for both systems (paired), which is valid because every system is scored on identical items.
+
+The report (``report.md``, ``report.json``, one ``<task>.png`` grouped bar chart per task) is written
+atomically; the JSON keeps every per-item outcome so any number can be recomputed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import math
+import platform
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lenssteer.hooks import position_ids_from_mask
+from lenssteer.io import atomic_directory, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "EncodedRequest",
+    "Outcomes",
+    "ScoringRequest",
+    "bootstrap_mean_interval",
+    "detect_language",
+    "encode_requests",
+    "generate_greedy",
+    "loglikelihoods",
+    "package_versions",
+    "paired_bootstrap_difference",
+    "stratified_bootstrap_mean",
+    "summarize",
+    "wilson_interval",
+    "write_report",
+]
+
+PaddingSide = Literal["left", "right"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-likelihood scoring
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """Score ``continuation`` after ``context``.
+
+    ``context`` is the full prompt text. ``add_special_tokens`` says whether the tokenizer adds its
+    special tokens (BOS) to the context: ``False`` for text that already went through a chat
+    template (it carries them), ``True`` for raw text. The continuation never gets special tokens.
+    """
+
+    context: str
+    continuation: str
+    add_special_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    """Token ids of a context and a continuation (both non-empty)."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+    continuation_bytes: int = 1
+
+
+def encode_requests(
+    tokenizer, requests: Sequence[ScoringRequest | EncodedRequest]
+) -> list[EncodedRequest]:
+    """Tokenize context and continuation separately (the continuation's tokens are what is scored).
+
+    Already encoded requests pass through unchanged.
+    """
+    encoded = []
+    for number, request in enumerate(requests, 1):
+        if isinstance(request, EncodedRequest):
+            if not request.context or not request.continuation:
+                raise ValueError(f"request {number}: empty context or continuation")
+            encoded.append(request)
+            continue
+        context = tokenizer(request.context, add_special_tokens=request.add_special_tokens)[
+            "input_ids"
+        ]
+        continuation = tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
+        if not context:
+            raise ValueError(f"request {number}: the context is empty after tokenization")
+        if not continuation:
+            raise ValueError(
+                f"request {number}: the continuation {request.continuation!r} has no tokens"
+            )
+        encoded.append(
+            EncodedRequest(
+                tuple(context),
+                tuple(continuation),
+                max(1, len(request.continuation.encode("utf-8"))),
+            )
+        )
+    return encoded
+
+
+def _pad(
+    rows: Sequence[Sequence[int]], pad_id: int, side: PaddingSide
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if side == "left":
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        else:
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _forward_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    keep: int,
+) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all positions if ``keep == 0``). ``(b, keep|seq, V)``."""
+    kwargs: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "use_cache": False,
+    }
+    if keep:
+        try:
+            return model(**kwargs, logits_to_keep=keep).logits[:, -keep:]
+        except TypeError:  # a model without logits_to_keep
+            pass
+    logits = model(**kwargs).logits
+    return logits[:, -keep:] if keep else logits
+
+
+@torch.no_grad()
+def loglikelihoods(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[ScoringRequest | EncodedRequest],
+    batch_size: int = 8,
+    padding_side: PaddingSide = "left",
+    progress: bool = False,
+    description: str = "score",
+) -> list[tuple[float, int]]:
+    """``(sum of log-probs, number of tokens)`` of each request's continuation given its context.
+
+    The model sees ``context + continuation[:-1]``; identical inputs (e.g. the same question with
+    different one-token options) are run once. Batches are sorted by length to keep padding small,
+    and results come back in request order. Log-softmax is taken in float32.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoded = encode_requests(tokenizer, requests)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Group requests by the exact model input.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, request in enumerate(encoded):
+        model_input = (request.context + request.continuation)[:-1]
+        groups.setdefault(model_input, []).append(index)
+    inputs = sorted(groups, key=len, reverse=True)  # longest first: memory problems show early
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    with tqdm(total=len(encoded), desc=description, unit="req", disable=not progress) as bar:
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size]
+            ids, mask = _pad(chunk, pad_id, padding_side)
+            longest_continuation = max(
+                len(encoded[i].continuation) for row in chunk for i in groups[row]
+            )
+            keep = longest_continuation if padding_side == "left" else 0
+            logits = _forward_logits(model, ids.to(device), mask.to(device), keep)
+            for row_index, row in enumerate(chunk):
+                end = logits.shape[1] if padding_side == "left" else len(row)
+                for request_index in groups[row]:
+                    target = encoded[request_index].continuation
+                    n = len(target)
+                    row_logits = logits[row_index, end - n : end].float()
+                    log_probs = torch.log_softmax(row_logits, dim=-1)
+                    picked = log_probs.gather(
+                        -1, torch.tensor(target, device=log_probs.device).unsqueeze(-1)
+                    )
+                    results[request_index] = (float(picked.sum()), n)
+                bar.update(len(groups[row]))
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Greedy generation and its language
+
+
+def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int):
+    from transformers import GenerationConfig
+
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    )
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    add_special_tokens: bool = False,
+    progress: bool = False,
+    description: str = "generate",
+) -> list[str]:
+    """Greedy answers (new tokens only, special tokens dropped) to ``prompts``, in order.
+
+    Batches are left-padded (generation continues at the right edge); the generation config is a
+    fresh greedy one, so a model's default sampling or repetition penalty does not apply.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    config = _greedy_config(model, tokenizer, max_new_tokens)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    encoded = [
+        tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] for prompt in prompts
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    device = next(model.parameters()).device
+    answers = [""] * len(prompts)
+    with tqdm(total=len(prompts), desc=description, unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = _pad([encoded[i] for i in chunk], pad_id, "left")
+            output = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+            )
+            new_tokens = output[:, ids.shape[1] :]
+            for row, index in enumerate(chunk):
+                answers[index] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+            bar.update(len(chunk))
+    return answers
+
+
+def detect_language(text: str) -> str | None:
+    """ISO 639-1 code that ``py3langid`` (offline, model inside the wheel) assigns; None if empty."""
+    if not text or not text.strip():
+        return None
+    try:
+        import py3langid
+    except ImportError as error:  # pragma: no cover - an install problem
+        raise RuntimeError(
+            "language identification needs py3langid: pip install 'lenssteer[eval]'"
+        ) from error
+    return str(py3langid.classify(text)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Intervals
+
+
+def _z(confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (``(nan, nan)`` when ``n == 0``)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in 0..{n}, got {successes}")
+    z = _z(confidence)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _percentiles(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+def stratified_bootstrap_mean(
+    groups: Sequence[Sequence[float]],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of the average of group means; items resampled within each group.
+
+    With one group this is the ordinary percentile bootstrap of a mean.
+    """
+    arrays = [np.asarray(group, dtype=np.float64) for group in groups]
+    if not arrays or any(a.size == 0 for a in arrays):
+        return (math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_resamples)
+    for values in arrays:
+        picks = rng.integers(0, values.size, size=(n_resamples, values.size))
+        total += values[picks].mean(axis=1)
+    estimate = float(np.mean([a.mean() for a in arrays]))
+    return (estimate, *_percentiles(total / len(arrays), confidence))
+
+
+def bootstrap_mean_interval(
+    values: Sequence[float], n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """``(mean, low, high)``: percentile bootstrap interval of a mean."""
+    return stratified_bootstrap_mean([values], n_resamples, seed, confidence)
+
+
+def paired_bootstrap_difference(
+    system: Sequence[Sequence[float]],
+    reference: Sequence[Sequence[float]],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """``(difference, low, high)`` of ``mean(system) - mean(reference)``, items paired.
+
+    Both arguments are lists of groups (languages) of per-item values in the same item order; the
+    statistic is the average over groups of the mean per-item difference, and each resample draws
+    the same items for both systems.
+    """
+    if len(system) != len(reference):
+        raise ValueError(f"{len(system)} groups against {len(reference)}")
+    differences = []
+    for number, (a, b) in enumerate(zip(system, reference, strict=True), 1):
+        if len(a) != len(b):
+            raise ValueError(
+                f"group {number}: {len(a)} items against {len(b)}: a paired difference needs "
+                "the same items for both systems"
+            )
+        differences.append(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    return stratified_bootstrap_mean(differences, n_resamples, seed, confidence)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outcomes and summaries
+
+
+@dataclass
+class Outcomes:
+    """Per-item results of one system on one task metric in one language.
+
+    ``values`` are per-item scores in ``item_ids`` order (0/1 for accuracy). ``details`` holds
+    per-item extras for the record (chosen option, generated text, detected language, ...).
+    """
+
+    task: str
+    metric: str
+    system: str
+    language: str
+    item_ids: list[str]
+    values: list[float]
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.item_ids) != len(self.values):
+            raise ValueError(f"{len(self.item_ids)} item ids for {len(self.values)} values")
+
+    @property
+    def binary(self) -> bool:
+        return all(v in (0.0, 1.0) for v in self.values)
+
+
+def _score_cell(outcomes: Outcomes, confidence: float, n_resamples: int, seed: int) -> dict:
+    n = len(outcomes.values)
+    if n == 0:
+        return {"score": None, "low": None, "high": None, "n": 0, "interval": None}
+    if outcomes.binary:
+        successes = int(sum(outcomes.values))
+        low, high = wilson_interval(successes, n, confidence)
+        return {
+            "score": successes / n,
+            "low": low,
+            "high": high,
+            "n": n,
+            "interval": "wilson",
+        }
+    mean, low, high = bootstrap_mean_interval(outcomes.values, n_resamples, seed, confidence)
+    return {"score": mean, "low": low, "high": high, "n": n, "interval": "bootstrap"}
+
+
+def summarize(
+    outcomes: Sequence[Outcomes],
+    reference_system: str = "base",
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]]:
+    """``{task: {metric: {system: {language | "average": cell}}}}`` with scores and differences.
+
+    A cell has ``score``, ``low``, ``high``, ``n`` (items) and, for systems other than the
+    reference, ``diff``, ``diff_low``, ``diff_high`` against the reference on the same items. The
+    ``"average"`` cell averages the language scores (every language weighs the same) with a
+    stratified bootstrap interval; it covers the languages that every system has.
+    """
+    table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    index: dict[tuple[str, str, str, str], Outcomes] = {}
+    for outcome in outcomes:
+        key = (outcome.task, outcome.metric, outcome.system, outcome.language)
+        if key in index:
+            raise ValueError(f"outcomes given twice for {key}")
+        index[key] = outcome
+    for (task, metric, system, language), outcome in index.items():
+        cells = table.setdefault(task, {}).setdefault(metric, {}).setdefault(system, {})
+        cells[language] = _score_cell(outcome, confidence, n_resamples, seed)
+    for task, metrics in table.items():
+        for metric, systems in metrics.items():
+            languages = sorted(set.intersection(*(set(cells) for cells in systems.values())))
+            reference = systems.get(reference_system)
+            for system, cells in systems.items():
+                groups = [index[(task, metric, system, lang)].values for lang in languages]
+                if languages:
+                    mean, low, high = stratified_bootstrap_mean(
+                        groups, n_resamples, seed, confidence
+                    )
+                    cells["average"] = {
+                        "score": mean,
+                        "low": low,
+                        "high": high,
+                        "n": sum(len(g) for g in groups),
+                        "interval": "stratified bootstrap",
+                        "languages": languages,
+                    }
+                if reference is None or system == reference_system:
+                    continue
+                for language in [*languages, "average"]:
+                    if language not in cells:
+                        continue
+                    langs = languages if language == "average" else [language]
+                    mine = [index[(task, metric, system, lang)] for lang in langs]
+                    theirs = [index[(task, metric, reference_system, lang)] for lang in langs]
+                    for a, b in zip(mine, theirs, strict=True):
+                        if a.item_ids != b.item_ids:
+                            raise ValueError(
+                                f"{task}/{metric}/{a.language}: {system} and {reference_system} "
+                                "were scored on different items"
+                            )
+                    diff, low, high = paired_bootstrap_difference(
+                        [a.values for a in mine],
+                        [b.values for b in theirs],
+                        n_resamples,
+                        seed,
+                        confidence,
+                    )
+                    cells[language].update({"diff": diff, "diff_low": low, "diff_high": high})
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def package_versions(
+    names: Sequence[str] = (
+        "lenssteer",
+        "torch",
+        "transformers",
+        "peft",
+        "numpy",
+        "lm_eval",
+        "py3langid",
+    ),
+) -> dict[str, str | None]:
+    """Installed versions of the packages that can change the numbers (None if not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def _columns(metric_table: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    languages: list[str] = []
+    for cells in metric_table.values():
+        for language in cells:
+            if language != "average" and language not in languages:
+                languages.append(language)
+    return languages + ["average"]
+
+
+def markdown_tables(
+    summary: Mapping[str, Any],
+    task_notes: Mapping[str, str] | None = None,
+    reference_system: str = "base",
+) -> str:
+    """One score table and one difference table per task metric (percent, 95% intervals)."""
+    lines: list[str] = []
+    for task, metrics in summary.items():
+        lines.append(f"### {task}\n")
+        if task_notes and task_notes.get(task):
+            lines.append(task_notes[task] + "\n")
+        for metric, systems in metrics.items():
+            columns = _columns(systems)
+            n_by_language = {
+                lang: next((c[lang]["n"] for c in systems.values() if lang in c), 0)
+                for lang in columns
+            }
+            header = " | ".join(f"{lang} (n={n_by_language[lang]})" for lang in columns)
+            lines.append(f"**{metric}**: score % [95% interval]\n")
+            lines.append(f"| system | {header} |")
+            lines.append("|---" * (len(columns) + 1) + "|")
+            for system, cells in systems.items():
+                row = []
+                for language in columns:
+                    cell = cells.get(language)
+                    if cell is None or cell.get("score") is None:
+                        row.append("n/a")
+                    else:
+                        row.append(
+                            f"{_pct(cell['score'])} [{_pct(cell['low'])}, {_pct(cell['high'])}]"
+                        )
+                lines.append(f"| {system} | " + " | ".join(row) + " |")
+            others = [s for s in systems if s != reference_system]
+            if reference_system in systems and others:
+                lines.append(
+                    f"\n**{metric}**: difference to {reference_system}, percentage points "
+                    "[95% paired bootstrap interval]\n"
+                )
+                lines.append(f"| system | {' | '.join(columns)} |")
+                lines.append("|---" * (len(columns) + 1) + "|")
+                for system in others:
+                    row = []
+                    for language in columns:
+                        cell = systems[system].get(language) or {}
+                        if cell.get("diff") is None:
+                            row.append("n/a")
+                        else:
+                            flag = (
+                                ""
+                                if cell["diff_low"] <= 0 <= cell["diff_high"]
+                                else " *"  # interval excludes zero
+                            )
+                            row.append(
+                                f"{_pct(cell['diff'], True)} [{_pct(cell['diff_low'], True)}, "
+                                f"{_pct(cell['diff_high'], True)}]{flag}"
+                            )
+                    lines.append(f"| {system} | " + " | ".join(row) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_task(
+    task: str,
+    metric: str,
+    systems: Mapping[str, Mapping[str, Any]],
+    title: str | None = None,
+) -> bytes:
+    """A grouped bar chart (languages on x, one bar per system, 95% interval whiskers) as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    columns = _columns(systems)
+    names = list(systems)
+    width = 0.8 / max(1, len(names))
+    figure, axes = plt.subplots(figsize=(max(5.0, 1.1 * len(columns) + 2), 3.4), dpi=90)
+    x = np.arange(len(columns))
+    for k, system in enumerate(names):
+        scores, lows, highs = [], [], []
+        for language in columns:
+            cell = systems[system].get(language) or {}
+            score = cell.get("score")
+            if score is None or (isinstance(score, float) and math.isnan(score)):
+                scores.append(np.nan)
+                lows.append(0.0)
+                highs.append(0.0)
+            else:
+                scores.append(100 * score)
+                lows.append(100 * (score - cell["low"]))
+                highs.append(100 * (cell["high"] - score))
+        axes.bar(
+            x + (k - (len(names) - 1) / 2) * width,
+            scores,
+            width,
+            yerr=[lows, highs],
+            capsize=2,
+            label=system,
+            error_kw={"elinewidth": 0.8},
+        )
+    axes.set_xticks(x, columns)
+    axes.set_ylabel(f"{metric} (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(title or f"{task}: {metric} (95% intervals)", fontsize=10)
+    axes.legend(fontsize=7, ncol=min(len(names), 5), loc="upper center", frameon=False)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(
+    out: str | Path,
+    outcomes: Sequence[Outcomes],
+    metadata: Mapping[str, Any],
+    reference_system: str = "base",
+    primary_metrics: Mapping[str, str] | None = None,
+    task_notes: Mapping[str, str] | None = None,
+    notes: str = "",
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write ``report.md``, ``report.json`` and one PNG per task into folder ``out`` (atomically).
+
+    ``primary_metrics`` maps a task to the metric its plot shows (default: its first metric).
+    Returns the JSON document.
+    """
+    summary = summarize(outcomes, reference_system, confidence, n_resamples, seed)
+    primary_metrics = dict(primary_metrics or {})
+    document = {
+        "format": "lenssteer-compare-report",
+        "format_version": 1,
+        "metadata": dict(metadata),
+        "reference_system": reference_system,
+        "confidence": confidence,
+        "bootstrap": {"resamples": n_resamples, "seed": seed},
+        "primary_metrics": {
+            task: primary_metrics.get(task, next(iter(metrics)))
+            for task, metrics in summary.items()
+        },
+        "summary": summary,
+        "outcomes": [asdict(outcome) for outcome in outcomes],
+    }
+    document = _json_safe(document)
+    meta_lines = [f"- {key}: {value}" for key, value in metadata.items() if key != "systems"]
+    markdown = [
+        "# Comparison report\n",
+        *meta_lines,
+        "",
+        "Scores in percent with 95% intervals (Wilson per language; stratified bootstrap for the "
+        "average). Differences to "
+        f"`{reference_system}` are paired bootstrap intervals over the same items; `*` marks an "
+        "interval that excludes zero.\n",
+    ]
+    if notes:
+        markdown.append(notes + "\n")
+    markdown.append(markdown_tables(summary, task_notes, reference_system))
+    with atomic_directory(out) as scratch:
+        for task, metric in document["primary_metrics"].items():
+            png = plot_task(task, metric, summary[task][metric])
+            (scratch / f"{task}.png").write_bytes(png)
+            markdown.append(f"![{task}]({task}.png)\n")
+        atomic_write_json(scratch / "report.json", document)
+        atomic_write_text(scratch / "report.md", "\n".join(markdown))
+    return document

@@ -1,0 +1,239 @@
+"""Scoring mechanics (definition, batching, padding), intervals against known values, report files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from lenssteer.evaluate import (
+    Outcomes,
+    ScoringRequest,
+    bootstrap_mean_interval,
+    detect_language,
+    encode_requests,
+    generate_greedy,
+    loglikelihoods,
+    paired_bootstrap_difference,
+    stratified_bootstrap_mean,
+    summarize,
+    wilson_interval,
+    write_report,
+)
+
+REQUESTS = [
+    ScoringRequest("The capital of France is", " Paris", True),
+    ScoringRequest("The capital of France is", " Lyon", True),
+    ScoringRequest("Q: which colour is the sky on a clear day?\nA:", " blue, mostly", True),
+    ScoringRequest("One", " two three four five", True),
+    ScoringRequest(
+        "A much longer context that has quite a few more tokens than the others", " x", True
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return make_tiny_model("llama", vocab_size=len(tokenizer))
+
+
+def _by_definition(model, tokenizer, request: ScoringRequest) -> float:
+    """Sum of log p(continuation token | everything before), one unpadded sequence, full logits."""
+    context = tokenizer(request.context, add_special_tokens=request.add_special_tokens)["input_ids"]
+    continuation = tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return sum(
+        log_probs[len(context) - 1 + i, token].item() for i, token in enumerate(continuation)
+    )
+
+
+def test_loglikelihood_matches_definition(llama, tokenizer):
+    scores = loglikelihoods(llama, tokenizer, REQUESTS, batch_size=1)
+    for request, (score, n_tokens) in zip(REQUESTS, scores, strict=True):
+        assert n_tokens == len(
+            tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
+        )
+        assert score == pytest.approx(_by_definition(llama, tokenizer, request), abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batched_equals_unbatched(arch, padding_side, tokenizer):
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    one_by_one = loglikelihoods(model, tokenizer, REQUESTS, batch_size=1)
+    batched = loglikelihoods(model, tokenizer, REQUESTS, batch_size=4, padding_side=padding_side)
+    for (a, n_a), (b, n_b) in zip(one_by_one, batched, strict=True):
+        assert n_a == n_b
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_left_and_right_padding_agree(llama, tokenizer):
+    left = loglikelihoods(llama, tokenizer, REQUESTS, batch_size=5, padding_side="left")
+    right = loglikelihoods(llama, tokenizer, REQUESTS, batch_size=5, padding_side="right")
+    assert [n for _, n in left] == [n for _, n in right]
+    assert [s for s, _ in left] == pytest.approx([s for s, _ in right], abs=1e-4)
+
+
+def test_identical_inputs_run_once(llama, tokenizer):
+    """Four one-token options of one question: one forward pass, four different scores."""
+    calls = []
+    handle = llama.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        requests = [ScoringRequest("Question? Answer:", f" {letter}", True) for letter in "ABCD"]
+        scores = loglikelihoods(llama, tokenizer, requests, batch_size=8)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert len({round(s, 6) for s, _ in scores}) == 4
+
+
+def test_empty_continuation_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="request 2: the continuation '' has no tokens"):
+        encode_requests(tokenizer, [ScoringRequest("a", " b"), ScoringRequest("a", "")])
+
+
+def test_greedy_generation_batched_equals_one_by_one(llama, tokenizer):
+    prompts = ["Hello there", "A longer prompt with several more words in it", "Hi"]
+    batched = generate_greedy(llama, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    single = [generate_greedy(llama, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(answer, str) for answer in batched)
+
+
+def test_detect_language():
+    assert detect_language("Das ist ein ganz normaler deutscher Satz über das Wetter.") == "de"
+    assert detect_language("Ceci est une phrase tout à fait normale en français.") == "fr"
+    assert detect_language("   ") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Intervals
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "expected"),
+    [
+        (5, 10, (0.236593, 0.763407)),
+        (0, 10, (0.0, 0.277533)),
+        (10, 10, (0.722467, 1.0)),
+        (81, 263, (0.255289, 0.366210)),
+    ],
+)
+def test_wilson_interval_known_values(successes, n, expected):
+    low, high = wilson_interval(successes, n)
+    assert low == pytest.approx(expected[0], abs=1e-5)
+    assert high == pytest.approx(expected[1], abs=1e-5)
+
+
+def test_wilson_interval_agrees_with_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for successes, n in [(3, 7), (40, 100), (1, 50)]:
+        reference = scipy_stats.binomtest(successes, n).proportion_ci(method="wilson")
+        assert wilson_interval(successes, n) == pytest.approx(
+            (reference.low, reference.high), abs=1e-9
+        )
+
+
+def test_wilson_interval_edge_cases():
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_bootstrap_intervals():
+    assert bootstrap_mean_interval([0.5] * 20) == (0.5, 0.5, 0.5)
+    # A large sample: the percentile interval is close to mean +/- 1.96 standard errors.
+    values = [1.0] * 300 + [0.0] * 700
+    mean, low, high = bootstrap_mean_interval(values, n_resamples=4000, seed=1)
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 1000)
+    assert mean == pytest.approx(0.3)
+    assert low == pytest.approx(0.3 - half, abs=0.005)
+    assert high == pytest.approx(0.3 + half, abs=0.005)
+    # Stratified: the average of group means, every group weighing the same.
+    assert stratified_bootstrap_mean([[1.0] * 10, [0.0] * 90])[0] == pytest.approx(0.5)
+
+
+def test_paired_bootstrap_difference():
+    base = [[1.0, 0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    assert paired_bootstrap_difference(base, base) == (0.0, 0.0, 0.0)
+    # Pairing matters: the same gain on every (noisy) item gives a zero-width interval.
+    shifted = [[v + 1 for v in group] for group in base]
+    assert paired_bootstrap_difference(shifted, base) == pytest.approx((1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap_difference([[1.0, 0.0]], [[1.0]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary and report
+
+
+def _outcomes() -> list[Outcomes]:
+    ids = [f"q{i}" for i in range(20)]
+    made = []
+    for language, base_hits in [("en", 12), ("de", 8)]:
+        made.append(
+            Outcomes(
+                "toy", "acc", "base", language, ids, [1.0] * base_hits + [0.0] * (20 - base_hits)
+            )
+        )
+        made.append(
+            Outcomes(
+                "toy",
+                "acc",
+                "steered",
+                language,
+                ids,
+                [1.0] * (base_hits + 4) + [0.0] * (16 - base_hits),
+            )
+        )
+    return made
+
+
+def test_summarize_scores_and_differences():
+    summary = summarize(_outcomes())
+    cells = summary["toy"]["acc"]
+    assert cells["base"]["en"]["score"] == pytest.approx(0.6)
+    assert (cells["base"]["en"]["low"], cells["base"]["en"]["high"]) == pytest.approx(
+        wilson_interval(12, 20)
+    )
+    assert cells["steered"]["de"]["diff"] == pytest.approx(0.2)
+    assert cells["steered"]["average"]["score"] == pytest.approx(0.7)
+    assert cells["steered"]["average"]["diff"] == pytest.approx(0.2)
+    # Every steered item is at least as good: the paired interval is strictly positive.
+    assert cells["steered"]["average"]["diff_low"] > 0
+    assert "diff" not in cells["base"]["en"]
+
+
+def test_summarize_refuses_different_items():
+    made = _outcomes()
+    made[1].item_ids = [f"other{i}" for i in range(20)]
+    with pytest.raises(ValueError, match="different items"):
+        summarize(made)
+
+
+def test_write_report_files(tmp_path):
+    out = tmp_path / "report"
+    document = write_report(
+        out,
+        _outcomes(),
+        metadata={"model": "tiny", "batch_size": 4},
+        task_notes={"toy": "A toy task."},
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "toy.png"]
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == document
+    assert on_disk["summary"]["toy"]["acc"]["steered"]["en"]["diff"] == pytest.approx(0.2)
+    assert len(on_disk["outcomes"]) == 4
+    markdown = (out / "report.md").read_text()
+    assert "| steered |" in markdown and "A toy task." in markdown and "![toy](toy.png)" in markdown
+    png = (out / "toy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) < 200_000
+    # A rewrite replaces the folder as a whole and leaves no scratch folder behind.
+    write_report(out, _outcomes()[:2], metadata={"model": "tiny"})
+    assert len(json.loads((out / "report.json").read_text())["outcomes"]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
