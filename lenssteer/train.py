@@ -1,0 +1,1442 @@
+"""Lens training: steer the top decoder layers so target languages share the central one's semantics.
+
+**What is trained.** Only the top ``K`` decoder layers (default 2, as in Lens), either in full
+(``kind="layers"``) or through LoRA modules on every linear map inside them (``kind="lora"``, PEFT).
+Embeddings, lower layers, the final norm and the LM head stay frozen.
+
+**Which representation the losses see.** Exactly what probing measured, so that the subspace and the
+training agree: the output of a decoder layer (residual stream, before the final norm), pooled as
+the subspace was pooled (``last`` real token by default, or ``mean`` over real tokens), of each text
+formatted with the same prompt template (the chat template's user turn plus generation prompt when
+the subspace was probed that way). Pooling, template and model identity are read from the subspace's
+metadata and checked. The losses (:mod:`lenssteer.objectives`) are taken at the *loss layers*: the
+trained layers the subspace covers (by default), averaged over layers.
+
+**The fast path.** Everything below the first trained layer is frozen, so its input (the hidden
+states of the whole sequence) and the frozen model's pooled states at the loss layers are fixed:
+:func:`prepare_training_data` computes them once per item, in one frozen pass (texts that share a
+prompt prefix, such as a chat template's system turn, share one prefix pass through a KV cache).
+Each step then runs only the trained layers, by calling the model's own decoder with the lower
+layers swapped for pass-throughs: the model builds its causal mask and rotary embeddings itself, so
+any architecture whose decoder stack takes ``inputs_embeds`` unchanged works (Llama, Qwen2, Gemma3,
+Mistral, Phi3, ...). A start-up check compares the fast path with the frozen states and refuses
+models where they differ (GPT-2 adds position embeddings outside the layers; use ``fast=False``).
+No second copy of the model and no LM head are involved; the frozen reference is the precomputed
+states.
+
+**The loop** is the Hugging Face ``Trainer``: ``accelerate launch`` / ``torchrun`` run the same code
+on several processes; progress bar, logging of every loss term (``loss_pull``, ``loss_push``,
+``loss_retain``), seeds, checkpoints (trainable weights only, safetensors) and resume. The adapter
+is written at the very end into a scratch folder that replaces ``out_dir`` in one rename, so an
+interrupted run leaves an earlier adapter there intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lenssteer.adapter import SteeringAdapter, base_model_description
+from lenssteer.extract import format_texts, template_signature
+from lenssteer.hooks import StopForward, hooked, last_real_positions, position_ids_from_mask
+from lenssteer.models import ModuleNames, find_decoder_layers, model_identity
+from lenssteer.objectives import LensObjective, lens_losses
+
+__all__ = [
+    "KINDS",
+    "LensTrainingModule",
+    "TrainConfig",
+    "TrainingData",
+    "TrainingError",
+    "heldout_report",
+    "format_report",
+    "prepare_training_data",
+    "representation_report",
+    "top_layer_states",
+    "train_lens",
+]
+
+KINDS = ("lora", "layers")
+
+
+class TrainingError(ValueError):
+    """Bad training input (subspace, languages, layers) or a model the fast path cannot run."""
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a Lens run (recorded in the adapter's config).
+
+    ``n_layers``: the top K decoder layers train. ``loss_layers``: absolute layers where the losses
+    are taken (default: the trained layers the subspace covers). ``batch_size``: parallel items per
+    step and process; each item brings all of its languages. ``save_steps``: checkpoint every N
+    steps (0: none). ``fast``: train on precomputed inputs of the first trained layer.
+    """
+
+    kind: str = "lora"
+    n_layers: int = 2
+    loss_layers: list[int] | None = None
+    pull_weight: float = 1.0
+    push_weight: float = 1.0
+    retain_weight: float = 1.0
+    alpha: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_modules: list[str] | None = None
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    seed: int = 0
+    fast: bool = True
+    share_prefix: bool = True
+    precompute_batch_size: int = 16
+    logging_steps: int = 1
+    save_steps: int = 0
+    save_total_limit: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise TrainingError(f"kind {self.kind!r} is unknown; choose one of {', '.join(KINDS)}")
+        if self.n_layers < 1:
+            raise TrainingError(f"n_layers must be >= 1, got {self.n_layers}")
+        for name in ("batch_size", "gradient_accumulation_steps", "precompute_batch_size"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.objective()  # validates the weights
+
+    def objective(self) -> LensObjective:
+        try:
+            return LensObjective(self.pull_weight, self.push_weight, self.retain_weight, self.alpha)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks of the inputs
+
+
+def _chat_template_from_signature(tokenizer, signature: str | None) -> bool:
+    """The subspace's template signature -> whether to use the chat template (checked)."""
+    if signature is None:
+        raise TrainingError(
+            "the subspace records no prompt template ('template' in its metadata); make it with "
+            "lenssteer.probe.probe or pass metadata={'template': ..., 'pooling': ...}"
+        )
+    if signature == "raw":
+        return False
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    actual = template_signature(tokenizer, True) if has_template else "no chat template"
+    if actual != signature:
+        raise TrainingError(
+            f"the subspace was probed with chat template {signature!r}, but this tokenizer has "
+            f"{actual!r}: probe again with this tokenizer"
+        )
+    return True
+
+
+def check_subspace(model: nn.Module, subspace, languages: Sequence[str], central_language: str):
+    """Raise :class:`TrainingError` unless ``subspace`` was made for ``model`` and ``languages``."""
+    identity = model_identity(model)
+    meta = subspace.metadata
+    hidden = base_model_description(model)["hidden_size"]
+    if subspace.hidden_size != hidden:
+        raise TrainingError(
+            f"the subspace has hidden size {subspace.hidden_size} but the model has {hidden}: "
+            f"it was made for another model ({meta.get('model', 'unknown')})"
+        )
+    if meta.get("fingerprint") and meta["fingerprint"] != identity["fingerprint"]:
+        raise TrainingError(
+            f"the subspace was made for model {meta.get('model')!r} (weights fingerprint "
+            f"{meta['fingerprint']}), not for this one ({identity['model']!r}, fingerprint "
+            f"{identity['fingerprint']}): probe this model first"
+        )
+    n_layers = len(find_decoder_layers(model))
+    if meta.get("num_layers") and meta["num_layers"] != n_layers:
+        raise TrainingError(
+            f"the subspace was made for a model with {meta['num_layers']} layers; this one has "
+            f"{n_layers}"
+        )
+    missing = [language for language in languages if language not in subspace.languages]
+    if missing:
+        raise TrainingError(
+            f"language(s) {', '.join(missing)} are not in the subspace (it has "
+            f"{', '.join(subspace.languages)}): probe with them, or train on fewer languages"
+        )
+    if subspace.central_language != central_language:
+        raise TrainingError(
+            f"the subspace's central language is {subspace.central_language!r}, the training "
+            f"corpus' is {central_language!r}"
+        )
+
+
+def resolve_training_layers(
+    model: nn.Module,
+    n_layers: int,
+    subspace_layers: Sequence[int],
+    loss_layers: Sequence[int] | None = None,
+    module_names: ModuleNames | None = None,
+) -> tuple[list[int], list[int]]:
+    """``(trained_layers, loss_layers)``, absolute and sorted, checked against model and subspace."""
+    total = len(find_decoder_layers(model, module_names))
+    if n_layers > total:
+        raise TrainingError(
+            f"cannot train the top {n_layers} layers: the model has {total} decoder layers"
+        )
+    trained = list(range(total - n_layers, total))
+    if loss_layers is None:
+        chosen = [layer for layer in trained if layer in subspace_layers]
+        if not chosen:
+            raise TrainingError(
+                f"the subspace covers layers {list(subspace_layers)}, none of the trained layers "
+                f"{trained}: probe the top layers (e.g. --layers top:{n_layers})"
+            )
+    else:
+        chosen = sorted({layer % total if layer < 0 else layer for layer in loss_layers})
+        absent = [layer for layer in chosen if layer not in subspace_layers]
+        if absent:
+            raise TrainingError(f"loss layers {absent} are not in the subspace {subspace_layers}")
+        outside = [layer for layer in chosen if layer not in trained]
+        if outside:
+            raise TrainingError(f"loss layers {outside} are not among the trained layers {trained}")
+    if chosen[-1] != trained[-1]:
+        raise TrainingError(
+            f"the top trained layer {trained[-1]} would get no gradient: the highest loss layer "
+            f"is {chosen[-1]} (probe layer {trained[-1]} too, or train fewer layers)"
+        )
+    return trained, chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# Precomputed inputs
+
+
+@dataclass
+class TrainingData(torch.utils.data.Dataset):
+    """What training needs from the frozen model, for ``N`` parallel items in ``K`` languages.
+
+    Sequences are item-major (item ``i``, language ``k`` is sequence ``i * K + k``). Each sequence
+    is ``prefix_ids`` (shared by all, may be empty) followed by its own suffix tokens.
+
+    * ``prefix_ids (P,)``, ``prefix_states (P, H)``: the shared prefix and its input to the first
+      trained layer.
+    * ``token_ids (T,)``, ``suffix_states (T, H)``, ``offsets (N*K + 1,)``: suffix tokens of every
+      sequence, concatenated, and their inputs to the first trained layer.
+    * ``frozen (N, K, L, H)``: the frozen model's pooled states at the loss layers.
+    """
+
+    languages: list[str]
+    central_language: str
+    first_layer: int
+    loss_layers: list[int]
+    pooling: str
+    chat_template: bool
+    prefix_ids: torch.Tensor
+    prefix_states: torch.Tensor
+    token_ids: torch.Tensor
+    suffix_states: torch.Tensor
+    offsets: torch.Tensor
+    frozen: torch.Tensor
+    data_hash: str | None = None
+    pad_token_id: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.frozen.shape[0]
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    @property
+    def n_languages(self) -> int:
+        return len(self.languages)
+
+    @property
+    def central_index(self) -> int:
+        return self.languages.index(self.central_language)
+
+    def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids ``(S,)`` and first-trained-layer inputs ``(S, H)`` of sequence ``index``."""
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        ids = torch.cat([self.prefix_ids, self.token_ids[start:end]])
+        states = torch.cat([self.prefix_states, self.suffix_states[start:end]])
+        return ids, states
+
+    def collate(
+        self, items: Sequence[int], layer_inputs: bool = True, input_ids: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """A right-padded batch of ``B`` items (``B*K`` sequences, item-major).
+
+        Returns ``attention_mask (B*K, S)``, ``frozen (B, K, L, H)``, ``item_index (B,)`` and, as
+        asked, ``layer_inputs (B*K, S, H)`` and ``input_ids (B*K, S)``.
+        """
+        indices = [int(i) * self.n_languages + k for i in items for k in range(self.n_languages)]
+        sequences = [self.sequence(i) for i in indices]
+        length = max(len(ids) for ids, _ in sequences)
+        hidden = self.suffix_states.shape[-1]
+        mask = torch.zeros(len(sequences), length, dtype=torch.long)
+        batch: dict[str, torch.Tensor] = {}
+        if layer_inputs:
+            states = torch.zeros(len(sequences), length, hidden, dtype=self.suffix_states.dtype)
+        if input_ids:
+            ids_out = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
+        for row, (ids, seq_states) in enumerate(sequences):
+            mask[row, : len(ids)] = 1
+            if layer_inputs:
+                states[row, : len(ids)] = seq_states
+            if input_ids:
+                ids_out[row, : len(ids)] = ids
+        batch["attention_mask"] = mask
+        if layer_inputs:
+            batch["layer_inputs"] = states
+        if input_ids:
+            batch["input_ids"] = ids_out
+        batch["frozen"] = self.frozen[torch.tensor([int(i) for i in items])]
+        batch["item_index"] = torch.tensor([int(i) for i in items])
+        return batch
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix, leaving at least one token in every sequence."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    length = 0
+    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+def _hidden_from_call(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _pool(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling: str,
+    extra_sum: torch.Tensor | None = None,
+    extra_count: int = 0,
+) -> torch.Tensor:
+    """Pool ``(N, S, H)`` over real tokens: last real token or mean. Returns ``(N, H)`` float32.
+
+    ``extra_sum``/``extra_count`` add tokens that sit before the sequence (a cached prefix) to the
+    mean.
+    """
+    if pooling == "last":
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_real_positions(attention_mask)].float()
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    total = (hidden.float() * mask).sum(1)
+    count = mask.sum(1)
+    if extra_sum is not None:
+        total = total + extra_sum
+        count = count + extra_count
+    return total / count
+
+
+@torch.no_grad()
+def prepare_training_data(
+    model: nn.Module,
+    tokenizer,
+    corpus,
+    first_layer: int,
+    loss_layers: Sequence[int],
+    pooling: str = "last",
+    chat_template: bool = False,
+    share_prefix: bool = True,
+    batch_size: int = 16,
+    progress: bool = True,
+    module_names: ModuleNames | None = None,
+) -> TrainingData:
+    """One frozen pass over every text of ``corpus``: inputs of ``first_layer`` and pooled states.
+
+    ``corpus`` is a :class:`~lenssteer.data.ParallelCorpus` (languages in its order, central first).
+    Texts are formatted and tokenized exactly as :func:`lenssteer.extract.extract_states` does, so
+    ``frozen`` equals what extraction returns for the same layers, pooling and template.
+    """
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    languages = list(corpus.languages)
+    n_items, n_languages = len(corpus), len(languages)
+    loss_layers = sorted(int(i) for i in loss_layers)
+    if pooling not in ("last", "mean"):
+        raise TrainingError(f"unknown pooling {pooling!r}")
+    if loss_layers[0] < first_layer:
+        raise TrainingError(f"loss layers {loss_layers} start below the first trained layer")
+    decoder_layers = find_decoder_layers(model, module_names)
+    texts = [corpus.texts[language][i] for i in range(n_items) for language in languages]
+    prompts = format_texts(tokenizer, texts, chat_template)
+    encoded = tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
+    prefix_length = _common_prefix_length(encoded) if share_prefix else 0
+    device = next(model.parameters()).device
+    top = loss_layers[-1]
+    captured: dict[str, Any] = {}
+
+    def capture_input(_module, args, kwargs) -> None:
+        captured["input"] = _hidden_from_call(args, kwargs)
+
+    def make_output_hook(layer: int):
+        def hook(_module, hidden: torch.Tensor) -> None:
+            captured[layer] = hidden
+            if layer == top:
+                raise StopForward
+
+        return hook
+
+    hooks = dict(
+        output_hooks=[(decoder_layers[i], make_output_hook(i)) for i in loss_layers],
+        input_hooks=[(decoder_layers[first_layer], capture_input)],
+    )
+
+    prefix_ids = torch.tensor(encoded[0][:prefix_length], dtype=torch.long)
+    hidden_size = base_model_description(model)["hidden_size"]
+    prefix_states = torch.zeros(0, hidden_size)
+    prefix_sums: dict[int, torch.Tensor] = {}
+    cache = None
+    was_training = model.training
+    model.eval()
+    try:
+        if prefix_length:
+            cache = DynamicCache(config=model.config)
+            with hooked(**hooks):
+                try:
+                    model(
+                        input_ids=prefix_ids[None].to(device), past_key_values=cache, use_cache=True
+                    )
+                except StopForward:
+                    pass
+            prefix_states = captured["input"][0].float().cpu()
+            prefix_sums = {i: captured[i][0].float().sum(0) for i in loss_layers}
+
+        suffixes = [ids[prefix_length:] for ids in encoded]
+        offsets = torch.zeros(len(suffixes) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor([len(s) for s in suffixes]).cumsum(0)
+        token_ids = torch.tensor([t for s in suffixes for t in s], dtype=torch.long)
+        suffix_states = torch.empty(int(offsets[-1]), hidden_size)
+        frozen = torch.empty(len(suffixes), len(loss_layers), hidden_size)
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+        with (
+            tqdm(total=len(order), desc="precompute", unit="text", disable=not progress) as bar,
+            hooked(**hooks),
+        ):
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                width = max(len(suffixes[i]) for i in chunk)
+                ids = torch.zeros(len(chunk), width, dtype=torch.long)
+                mask = torch.zeros(len(chunk), width, dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids[row, : len(suffixes[i])] = torch.tensor(suffixes[i])
+                    mask[row, : len(suffixes[i])] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                kwargs: dict[str, Any] = {"use_cache": False}
+                positions = position_ids_from_mask(mask)
+                full_mask = mask
+                if prefix_length:
+                    batch_cache = copy.deepcopy(cache)
+                    batch_cache.batch_repeat_interleave(len(chunk))
+                    ones = torch.ones(len(chunk), prefix_length, dtype=mask.dtype, device=device)
+                    full_mask = torch.cat([ones, mask], dim=1)
+                    positions = positions + prefix_length
+                    kwargs = {"use_cache": True, "past_key_values": batch_cache}
+                try:
+                    model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs)
+                except StopForward:
+                    pass
+                layer_input = captured["input"].float().cpu()
+                real = mask.bool().cpu()
+                for row, i in enumerate(chunk):
+                    suffix_states[offsets[i] : offsets[i + 1]] = layer_input[row][real[row]]
+                for position, layer in enumerate(loss_layers):
+                    frozen[torch.tensor(chunk), position] = _pool(
+                        captured[layer],
+                        mask,
+                        pooling,
+                        extra_sum=prefix_sums.get(layer),
+                        extra_count=prefix_length,
+                    ).cpu()
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    return TrainingData(
+        languages=languages,
+        central_language=corpus.central_language,
+        first_layer=first_layer,
+        loss_layers=loss_layers,
+        pooling=pooling,
+        chat_template=chat_template,
+        prefix_ids=prefix_ids,
+        prefix_states=prefix_states,
+        token_ids=token_ids,
+        suffix_states=suffix_states,
+        offsets=offsets,
+        frozen=frozen.reshape(n_items, n_languages, len(loss_layers), hidden_size),
+        data_hash=corpus.data_hash() if hasattr(corpus, "data_hash") else None,
+        pad_token_id=int(tokenizer.pad_token_id or 0),
+        metadata={"template": template_signature(tokenizer, chat_template)},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The trained layers alone
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a frozen lower layer: its input is already the precomputed hidden state."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def _decoder_of(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
+    """The module that owns the decoder layer list (it builds masks and rotary embeddings)."""
+    for module in model.modules():
+        for child in module.children():
+            if child is layers:
+                return module
+    raise TrainingError("cannot find the module that holds the decoder layers")
+
+
+@contextmanager
+def _lower_layers_skipped(layers: nn.ModuleList, first_layer: int) -> Iterator[None]:
+    originals = [layers[i] for i in range(first_layer)]
+    try:
+        for i in range(first_layer):
+            layers[i] = _PassThrough()
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def _run_pooled(
+    model: nn.Module,
+    layers: Sequence[int],
+    attention_mask: torch.Tensor,
+    pooling: str,
+    module_names: ModuleNames | None,
+    layer_inputs: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    first_layer: int | None = None,
+) -> torch.Tensor:
+    decoder_layers = find_decoder_layers(model, module_names)
+    pooled: dict[int, torch.Tensor] = {}
+    top = max(layers)
+
+    def make_hook(layer: int):
+        def hook(_module, hidden: torch.Tensor) -> None:
+            pooled[layer] = _pool(hidden, attention_mask, pooling)
+            if layer == top:
+                raise StopForward
+
+        return hook
+
+    positions = position_ids_from_mask(attention_mask)
+    with hooked([(decoder_layers[i], make_hook(i)) for i in layers]):
+        try:
+            if layer_inputs is not None:
+                decoder = _decoder_of(model, decoder_layers)
+                with _lower_layers_skipped(decoder_layers, first_layer):
+                    decoder(
+                        inputs_embeds=layer_inputs,
+                        attention_mask=attention_mask,
+                        position_ids=positions,
+                        use_cache=False,
+                    )
+            else:
+                model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=positions,
+                    use_cache=False,
+                )
+        except StopForward:
+            pass
+    return torch.stack([pooled[i] for i in layers], dim=1)
+
+
+def top_layer_states(
+    model: nn.Module,
+    layer_inputs: torch.Tensor,
+    attention_mask: torch.Tensor,
+    first_layer: int,
+    layers: Sequence[int],
+    pooling: str = "last",
+    module_names: ModuleNames | None = None,
+) -> torch.Tensor:
+    """Pooled outputs of ``layers`` computed from the inputs of ``first_layer`` alone.
+
+    ``layer_inputs``: ``(N, S, H)`` (right padded), ``attention_mask``: ``(N, S)``. Returns
+    ``(N, len(layers), H)``. Lower layers are skipped; gradients flow into the layers that run.
+    """
+    return _run_pooled(
+        model,
+        sorted(layers),
+        attention_mask,
+        pooling,
+        module_names,
+        layer_inputs=layer_inputs,
+        first_layer=first_layer,
+    )
+
+
+def full_forward_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int],
+    pooling: str = "last",
+    module_names: ModuleNames | None = None,
+) -> torch.Tensor:
+    """The same pooled states from a plain forward of the whole model (with gradients)."""
+    return _run_pooled(
+        model, sorted(layers), attention_mask, pooling, module_names, input_ids=input_ids
+    )
+
+
+class LensTrainingModule(nn.Module):
+    """The model plus the subspace tensors; ``forward(batch)`` returns the Lens loss and its terms.
+
+    ``basis (L, r, H)`` and ``directions (K, L, H)`` are the subspace's, restricted to the loss
+    layers and the training languages (in the data's order).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        basis: torch.Tensor,
+        directions: torch.Tensor,
+        central_index: int,
+        first_layer: int,
+        loss_layers: Sequence[int],
+        pooling: str,
+        objective: LensObjective,
+        fast: bool = True,
+        module_names: ModuleNames | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("basis", basis.float(), persistent=False)
+        self.register_buffer("directions", directions.float(), persistent=False)
+        self.central_index = central_index
+        self.first_layer = first_layer
+        self.loss_layers = list(loss_layers)
+        self.pooling = pooling
+        self.objective = objective
+        self.fast = fast
+        self.module_names = module_names
+        self.items_seen: set[int] = set()
+
+    def pooled_states(
+        self,
+        attention_mask: torch.Tensor,
+        layer_inputs: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B*K, L, H)`` current states at the loss layers, by the fast or the plain path."""
+        if self.fast:
+            if layer_inputs is None:
+                raise TrainingError("the fast path needs layer_inputs")
+            return top_layer_states(
+                self.model,
+                layer_inputs,
+                attention_mask,
+                self.first_layer,
+                self.loss_layers,
+                self.pooling,
+                self.module_names,
+            )
+        if input_ids is None:
+            raise TrainingError("the plain path needs input_ids")
+        return full_forward_states(
+            self.model, input_ids, attention_mask, self.loss_layers, self.pooling, self.module_names
+        )
+
+    def forward(
+        self,
+        attention_mask: torch.Tensor,
+        frozen: torch.Tensor,
+        layer_inputs: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        item_index: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if item_index is not None:
+            self.items_seen.update(int(i) for i in item_index)
+        states = self.pooled_states(attention_mask, layer_inputs, input_ids)
+        states = states.reshape(frozen.shape)
+        return lens_losses(
+            states, frozen, self.basis, self.directions, self.central_index, self.objective
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer
+
+
+def _lens_trainer_class():
+    """The Trainer subclass (built lazily so importing this module stays cheap)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer
+
+    class LensTrainer(Trainer):
+        """Logs every loss term; checkpoints hold the trainable weights only (safetensors)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._term_sums: dict[str, torch.Tensor] = {}
+            self._term_count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            for name, value in outputs.items():
+                if name != "loss":
+                    previous = self._term_sums.get(name, torch.zeros((), device=value.device))
+                    self._term_sums[name] = previous + value.detach().float()
+            self._term_count += 1
+            return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if self._term_count and "loss" in logs:
+                names = sorted(self._term_sums)
+                values = torch.stack([self._term_sums[n] for n in names]) / self._term_count
+                values = self.accelerator.reduce(values, reduction="mean")
+                for name, value in zip(names, values.tolist(), strict=True):
+                    logs[f"loss_{name}"] = value
+                self._term_sums, self._term_count = {}, 0
+            super().log(logs, start_time)
+
+        def _trainable(self) -> dict[str, torch.Tensor]:
+            return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+            if not self.args.should_save:
+                return
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            tensors = {n: p.detach().cpu().contiguous() for n, p in self._trainable().items()}
+            save_file(tensors, os.path.join(output_dir, "model.safetensors"), {"format": "pt"})
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            path = os.path.join(resume_from_checkpoint, "model.safetensors")
+            tensors = load_file(path)
+            trainable = self._trainable()
+            if set(tensors) != set(trainable):
+                raise TrainingError(
+                    f"checkpoint {resume_from_checkpoint} holds other weights than this run trains"
+                )
+            with torch.no_grad():
+                for name, parameter in trainable.items():
+                    parameter.copy_(tensors[name].to(parameter.device))
+
+    return LensTrainer
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def _lora_targets(model: nn.Module, trained_layers: Sequence[int], names: list[str] | None):
+    """Full names of the linear modules inside the trained layers (optionally by short name)."""
+    decoder_layers = find_decoder_layers(model)
+    wanted = {id(decoder_layers[i]) for i in trained_layers}
+    targets = []
+    for prefix, module in model.named_modules():
+        if id(module) not in wanted:
+            continue
+        for name, child in module.named_modules(prefix=prefix):
+            if isinstance(child, nn.Linear) and (names is None or name.rsplit(".", 1)[-1] in names):
+                targets.append(name)
+    if not targets:
+        raise TrainingError(f"no linear module named {names} in layers {list(trained_layers)}")
+    return sorted(targets)
+
+
+def _checkpoint_signature(config: TrainConfig, data: TrainingData, identity, subspace) -> dict:
+    return {
+        "config": config.to_dict(),
+        "data_hash": data.data_hash,
+        "languages": data.languages,
+        "model_fingerprint": identity["fingerprint"],
+        "subspace_data_hash": subspace.metadata.get("data_hash"),
+        "subspace_layers": list(subspace.layers),
+    }
+
+
+class _Trainable:
+    """The trainable state of a model during a run (see :func:`trainable_top_layers`)."""
+
+    def __init__(self, kind: str, layer_params: dict[str, nn.Parameter], peft_model=None) -> None:
+        self.kind = kind
+        self.layer_params = layer_params
+        self.peft_model = peft_model
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters that train, by name."""
+        if self.peft_model is not None:
+            return {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        return dict(self.layer_params)
+
+    def adapter_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """The adapter's weights (and PEFT config for LoRA) as they are now."""
+        if self.peft_model is not None:
+            from peft import get_peft_model_state_dict
+
+            weights = get_peft_model_state_dict(self.peft_model)
+            lora_dict = self.peft_model.peft_config["default"].to_dict()
+            identity = model_identity(self.peft_model.get_base_model())
+            lora_dict["inference_mode"] = True
+            lora_dict["base_model_name_or_path"] = identity["model"]
+            lora_dict["revision"] = identity["revision"]
+            return {n: w.detach().clone() for n, w in weights.items()}, lora_dict
+        return {n: p.detach().clone() for n, p in self.layer_params.items()}, None
+
+
+@contextmanager
+def trainable_top_layers(
+    model: nn.Module,
+    trained_layers: Sequence[int],
+    config: TrainConfig,
+    module_names: ModuleNames | None = None,
+) -> Iterator[_Trainable]:
+    """Make only ``trained_layers`` trainable (in full, or through LoRA) for the ``with`` block.
+
+    Everything else is frozen. On exit the model gets back its weights (LoRA unloaded, full layers
+    restored), ``requires_grad`` flags and train/eval mode, even after an error.
+    """
+    parameters = dict(model.named_parameters())
+    requires_grad = {name: p.requires_grad for name, p in parameters.items()}
+    was_training = model.training
+    decoder_layers = find_decoder_layers(model, module_names)
+    in_trained = {id(q) for i in trained_layers for q in decoder_layers[i].parameters()}
+    layer_params = {name: p for name, p in parameters.items() if id(p) in in_trained}
+    originals = {}
+    peft_model = None
+    try:
+        for p in parameters.values():
+            p.requires_grad_(False)
+        if config.kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            identity = model_identity(model)
+            lora_config = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=_lora_targets(model, trained_layers, config.lora_modules),
+                task_type="CAUSAL_LM",
+                base_model_name_or_path=identity["model"],
+                revision=identity["revision"],
+            )
+            with warnings.catch_warnings():  # PEFT renames base_model_name_or_path; we set it
+                warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+                peft_model = get_peft_model(model, lora_config)
+        else:
+            originals = {n: p.detach().clone() for n, p in layer_params.items()}
+            for p in layer_params.values():
+                p.requires_grad_(True)
+        yield _Trainable(config.kind, layer_params, peft_model)
+    finally:
+        if peft_model is not None:
+            peft_model.unload()
+        with torch.no_grad():
+            for name, tensor in originals.items():
+                parameters[name].copy_(tensor)
+        for name, p in parameters.items():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+
+
+def train_lens(
+    model: nn.Module,
+    tokenizer,
+    subspace,
+    corpus,
+    out_dir: str | Path | None,
+    config: TrainConfig | None = None,
+    resume: bool | str = False,
+    checkpoint_dir: str | Path | None = None,
+    keep_checkpoints: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+    data: TrainingData | None = None,
+    subspace_path: str | Path | None = None,
+    module_names: ModuleNames | None = None,
+) -> SteeringAdapter:
+    """Train a Lens steering adapter on the top layers of ``model`` and save it to ``out_dir``.
+
+    ``subspace``: a :class:`~lenssteer.subspace.Subspace` probed on this model (its pooling and
+    template decide the representation trained on). ``corpus``: the parallel training items; all
+    its languages must be in the subspace. ``resume``: continue from the last checkpoint in
+    ``checkpoint_dir`` (default ``<out_dir>.checkpoints``). ``data``: precomputed inputs (from
+    :func:`prepare_training_data`) to skip the frozen pass. The model is returned to its original
+    weights afterwards (apply the returned adapter to steer it).
+    """
+    from transformers import TrainingArguments, set_seed
+
+    config = config or TrainConfig()
+    objective = config.objective()
+    languages = list(corpus.languages)
+    central_language = corpus.central_language
+    check_subspace(model, subspace, languages, central_language)
+    pooling = subspace.metadata.get("pooling")
+    if pooling is None:
+        raise TrainingError("the subspace records no pooling ('pooling' in its metadata)")
+    chat_template = _chat_template_from_signature(tokenizer, subspace.metadata.get("template"))
+    trained, loss_layers = resolve_training_layers(
+        model, config.n_layers, subspace.layers, config.loss_layers, module_names
+    )
+    identity = dict(model_identity(model))
+    base = base_model_description(model)
+
+    if data is None:
+        data = prepare_training_data(
+            model,
+            tokenizer,
+            corpus,
+            trained[0],
+            loss_layers,
+            pooling=pooling,
+            chat_template=chat_template,
+            share_prefix=config.share_prefix,
+            batch_size=config.precompute_batch_size,
+            progress=progress,
+            module_names=module_names,
+        )
+    elif (data.first_layer, data.loss_layers, data.languages) != (
+        trained[0],
+        loss_layers,
+        languages,
+    ):
+        raise TrainingError("the precomputed data were made for other layers or languages")
+
+    positions = [subspace.layer_position(layer) for layer in loss_layers]
+    language_positions = [subspace.language_position(language) for language in languages]
+    basis = subspace.specific_basis[positions]  # (L, r, H)
+    directions = subspace.directions[positions][:, language_positions].transpose(0, 1)  # (K, L, H)
+
+    set_seed(config.seed)
+    with trainable_top_layers(model, trained, config, module_names) as trainable:
+        module = LensTrainingModule(
+            model,
+            basis,
+            directions,
+            data.central_index,
+            trained[0],
+            loss_layers,
+            pooling,
+            objective,
+            fast=config.fast,
+            module_names=module_names,
+        )
+        _check_reproduces_frozen(module, data)
+
+        out_path = Path(out_dir) if out_dir is not None else None
+        if checkpoint_dir is None:
+            if out_path is None:
+                raise TrainingError("give out_dir or checkpoint_dir")
+            checkpoint_dir = out_path.with_name(out_path.name + ".checkpoints")
+        checkpoint_dir = Path(checkpoint_dir)
+        signature = _checkpoint_signature(config, data, identity, subspace)
+        last = _prepare_checkpoint_dir(checkpoint_dir, signature, resume)
+
+        device_is_cpu = next(model.parameters()).device.type == "cpu"
+        args = TrainingArguments(
+            output_dir=str(checkpoint_dir),
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type=config.lr_scheduler_type,
+            warmup_steps=config.warmup_ratio,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            num_train_epochs=config.num_epochs,
+            max_steps=config.max_steps,
+            seed=config.seed,
+            data_seed=config.seed,
+            logging_steps=config.logging_steps,
+            save_strategy="steps" if config.save_steps else "no",
+            save_steps=config.save_steps or 500,
+            save_total_limit=config.save_total_limit,
+            report_to=[],
+            disable_tqdm=not progress,
+            remove_unused_columns=False,
+            dataloader_drop_last=False,
+            dataloader_pin_memory=False,
+            label_names=[],
+            use_cpu=device_is_cpu,
+            ddp_backend="gloo" if device_is_cpu and _world_size() > 1 else None,
+            ddp_find_unused_parameters=False,
+            log_level="warning",
+        )
+        trainer = _lens_trainer_class()(
+            model=module,
+            args=args,
+            train_dataset=data,
+            data_collator=lambda items: data.collate(
+                items, layer_inputs=config.fast, input_ids=not config.fast
+            ),
+            callbacks=list(callbacks),
+        )
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=last)
+        elapsed = time.perf_counter() - started
+
+        weights, lora_dict = trainable.adapter_weights()
+        history = [entry for entry in trainer.state.log_history if "loss" in entry]
+        adapter_config = _adapter_config(
+            config, base, trained, loss_layers, data, subspace, subspace_path, chat_template
+        )
+        adapter_config.metrics["train"] = {
+            "global_step": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_loss": result.training_loss,
+            "runtime_s": round(elapsed, 2),
+            "items_seen": len(module.items_seen),
+            "n_items": len(data),
+            "first_log": history[0] if history else None,
+            "last_log": history[-1] if history else None,
+            "processes": trainer.args.world_size,
+        }
+        adapter = SteeringAdapter(adapter_config, weights, lora_dict)
+        adapter.log_history = list(trainer.state.log_history)
+        if out_path is not None and trainer.is_world_process_zero():
+            adapter.save_pretrained(out_path)
+            if not keep_checkpoints:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return adapter
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _adapter_config(config, base, trained, loss_layers, data, subspace, subspace_path, template):
+    from lenssteer.adapter import AdapterConfig
+
+    return AdapterConfig(
+        kind=config.kind,
+        base_model=base,
+        trained_layers=list(trained),
+        loss_layers=list(loss_layers),
+        languages=list(data.languages),
+        central_language=data.central_language,
+        hyperparameters=config.to_dict(),
+        representation={
+            "pooling": data.pooling,
+            "template": data.metadata.get("template"),
+            "chat_template": bool(template),
+            "position": "output of each loss layer (residual stream, before the final norm)",
+        },
+        subspace={
+            "path": str(subspace_path) if subspace_path is not None else None,
+            "layers": list(subspace.layers),
+            "languages": list(subspace.languages),
+            "rank": subspace.rank,
+            "model": subspace.metadata.get("model"),
+            "fingerprint": subspace.metadata.get("fingerprint"),
+            "data_hash": subspace.metadata.get("data_hash"),
+            "corpus": subspace.metadata.get("corpus"),
+        },
+        data_hash=data.data_hash,
+    )
+
+
+def _check_reproduces_frozen(module: LensTrainingModule, data: TrainingData) -> None:
+    """Refuse to train if the training forward does not reproduce the frozen states at the start."""
+    items = list(range(min(4, len(data))))
+    batch = data.collate(items, layer_inputs=module.fast, input_ids=not module.fast)
+    device = next(module.model.parameters()).device
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            states = module.pooled_states(
+                batch["attention_mask"].to(device),
+                batch["layer_inputs"].to(device) if module.fast else None,
+                batch["input_ids"].to(device) if not module.fast else None,
+            )
+    finally:
+        module.train(was_training)
+    frozen = batch["frozen"].reshape(states.shape).to(states.device)
+    error = (states - frozen).abs().max().item()
+    scale = frozen.abs().max().item()
+    if not error <= 1e-3 * (1.0 + scale):
+        path = "fast path (top layers from precomputed inputs)" if module.fast else "plain path"
+        raise TrainingError(
+            f"the {path} does not reproduce the frozen model's states (max difference {error:.3g} "
+            f"for values up to {scale:.3g}); this architecture ({type(module.model).__name__}) "
+            "probably changes hidden states outside its decoder layers: train with fast=False"
+        )
+
+
+def _prepare_checkpoint_dir(folder: Path, signature: dict, resume: bool | str) -> str | None:
+    """Check that checkpoints belong to this run; return the one to resume from (or None)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = folder / "lenssteer_run.json"
+    if isinstance(resume, str):
+        return resume
+    if resume and folder.is_dir():
+        if marker.is_file():
+            recorded = json.loads(marker.read_text())
+            if recorded != json.loads(json.dumps(signature)):
+                raise TrainingError(
+                    f"the checkpoints in {folder} belong to a different run (other settings, data or "
+                    "model): delete the folder or resume=False"
+                )
+        last = get_last_checkpoint(str(folder))
+        if last is not None:
+            return last
+    elif folder.is_dir() and not resume:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    from lenssteer.io import atomic_write_json
+
+    atomic_write_json(marker, signature)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# What training did to held-out items
+
+
+def _top1(queries: torch.Tensor, keys: torch.Tensor) -> float:
+    queries = torch.nn.functional.normalize(queries, dim=-1)
+    keys = torch.nn.functional.normalize(keys, dim=-1)
+    return (queries @ keys.T).argmax(1).eq(torch.arange(len(queries))).double().mean().item()
+
+
+def representation_report(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    subspace,
+    languages: Sequence[str],
+    layers: Sequence[int],
+    alpha: float,
+) -> dict[str, Any]:
+    """Compare pooled states of held-out items before and after steering.
+
+    ``before``, ``after``: ``(N, K, L, H)`` for ``languages`` (central included) at ``layers``.
+    Per layer and target language ``t`` (central ``c``, ``A`` = agnostic part, ``S`` = specific
+    component, ``d_t`` = direction):
+
+    * ``agnostic_gap``: mean over items of ``|A(h_t) - A(h_c)|``, before and after, and the
+      ``shrink`` = 1 - after / before; ``agnostic_gap_1d``: the same along the unit agnostic vector;
+    * ``push_ratio``: mean of ``<S(h_t^after) - S(h_t^before), d_t> / |d_t|²``, to set against
+      ``alpha``;
+    * ``retrieval``: central -> target top-1 among the N items (cosine, centred on the subspace's
+      mean of language means), before and after.
+
+    For the central language: ``retain_mse_rel`` = mean ``|h_c^after - h_c^before|²`` divided by the
+    variance of ``h_c^before`` across items (total over hidden units).
+    """
+    central = subspace.central_language
+    c = list(languages).index(central)
+    report: dict[str, Any] = {"alpha": alpha, "n_items": before.shape[0], "layers": {}}
+    for position, layer in enumerate(layers):
+        b, a = before[:, :, position].double(), after[:, :, position].double()
+        basis = subspace.specific_basis[subspace.layer_position(layer)].double()
+        agnostic = subspace.agnostic[subspace.layer_position(layer)].double()
+        unit = agnostic / agnostic.norm().clamp_min(1e-12)
+        centre = subspace.means[subspace.layer_position(layer)].double().mean(0)
+
+        def agnostic_part(x: torch.Tensor, basis=basis) -> torch.Tensor:
+            return x - (x @ basis.T) @ basis
+
+        per_language = {}
+        for k, language in enumerate(languages):
+            if k == c:
+                continue
+            gap_before = agnostic_part(b[:, k] - b[:, c]).norm(dim=-1).mean().item()
+            gap_after = agnostic_part(a[:, k] - a[:, c]).norm(dim=-1).mean().item()
+            direction = subspace.direction(language, layer).double()
+            moved = ((a[:, k] - b[:, k]) @ basis.T) @ basis
+            ratio = (moved @ direction).mean().item() / max(direction.dot(direction).item(), 1e-12)
+            per_language[language] = {
+                "agnostic_gap_before": gap_before,
+                "agnostic_gap_after": gap_after,
+                "shrink": 1.0 - gap_after / gap_before if gap_before > 0 else 0.0,
+                "agnostic_gap_1d_before": ((b[:, k] - b[:, c]) @ unit).abs().mean().item(),
+                "agnostic_gap_1d_after": ((a[:, k] - a[:, c]) @ unit).abs().mean().item(),
+                "push_ratio": ratio,
+                "retrieval_before": _top1(b[:, c] - centre, b[:, k] - centre),
+                "retrieval_after": _top1(a[:, c] - centre, a[:, k] - centre),
+            }
+        variance = (b[:, c] - b[:, c].mean(0)).pow(2).sum(-1).mean().item()
+        displacement = (a[:, c] - b[:, c]).pow(2).sum(-1).mean().item()
+        targets = list(per_language.values())
+
+        def mean(key: str, targets=targets) -> float:
+            return sum(t[key] for t in targets) / len(targets)
+
+        report["layers"][int(layer)] = {
+            "languages": per_language,
+            "mean_shrink": mean("shrink"),
+            "mean_gap_before": mean("agnostic_gap_before"),
+            "mean_gap_after": mean("agnostic_gap_after"),
+            "mean_push_ratio": mean("push_ratio"),
+            "mean_retrieval_before": mean("retrieval_before"),
+            "mean_retrieval_after": mean("retrieval_after"),
+            "retain_mse_rel": displacement / variance if variance > 0 else float("nan"),
+        }
+    top = int(max(layers))
+    summary = report["layers"][top]
+    report["summary"] = {
+        "layer": top,
+        "agnostic_gap_shrink": summary["mean_shrink"],
+        "push_ratio": summary["mean_push_ratio"],
+        "retain_mse_rel": summary["retain_mse_rel"],
+        "retrieval_before": summary["mean_retrieval_before"],
+        "retrieval_after": summary["mean_retrieval_after"],
+    }
+    return report
+
+
+def heldout_report(
+    model: nn.Module,
+    tokenizer,
+    adapter: SteeringAdapter,
+    subspace,
+    corpus,
+    data: TrainingData | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    module_names: ModuleNames | None = None,
+) -> dict[str, Any]:
+    """Before/after report (:func:`representation_report`) of ``adapter`` on held-out ``corpus``.
+
+    One frozen pass gives the states before and the trained layers' inputs; the states after run the
+    trained layers alone with the adapter applied (equal to a full forward of the steered model, as
+    the tests check).
+    """
+    config = adapter.config
+    layers = list(config.loss_layers)
+    if data is None:
+        data = prepare_training_data(
+            model,
+            tokenizer,
+            corpus,
+            config.trained_layers[0],
+            layers,
+            pooling=config.representation.get("pooling", "last"),
+            chat_template=bool(config.representation.get("chat_template")),
+            batch_size=batch_size,
+            progress=progress,
+            module_names=module_names,
+        )
+    device = next(model.parameters()).device
+    after = torch.empty_like(data.frozen)
+    with adapter.apply(model), torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            items = list(range(start, min(start + batch_size, len(data))))
+            batch = data.collate(items)
+            states = top_layer_states(
+                model,
+                batch["layer_inputs"].to(device),
+                batch["attention_mask"].to(device),
+                data.first_layer,
+                layers,
+                data.pooling,
+                module_names,
+            )
+            after[items] = states.reshape(len(items), *data.frozen.shape[1:]).cpu()
+    alpha = float(config.hyperparameters.get("alpha", 1.0))
+    report = representation_report(data.frozen, after, subspace, data.languages, layers, alpha)
+    report["data_hash"] = data.data_hash
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A Markdown table of :func:`heldout_report`: one row per target language at each layer."""
+    lines = [
+        "| layer | language | agnostic gap before -> after (shrink) | 1-d gap before -> after | "
+        "push ratio (alpha " + f"{report['alpha']:g}) | retrieval before -> after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layer, entry in report["layers"].items():
+        for language, r in entry["languages"].items():
+            lines.append(
+                f"| {layer} | {language} | {r['agnostic_gap_before']:.2f} -> "
+                f"{r['agnostic_gap_after']:.2f} ({100 * r['shrink']:.0f}%) | "
+                f"{r['agnostic_gap_1d_before']:.2f} -> {r['agnostic_gap_1d_after']:.2f} | "
+                f"{r['push_ratio']:.2f} | {r['retrieval_before']:.2f} -> "
+                f"{r['retrieval_after']:.2f} |"
+            )
+        lines.append(
+            f"| {layer} | **mean** | {100 * entry['mean_shrink']:.0f}% shrink | | "
+            f"{entry['mean_push_ratio']:.2f} | {entry['mean_retrieval_before']:.2f} -> "
+            f"{entry['mean_retrieval_after']:.2f} |"
+        )
+    s = report["summary"]
+    lines.append(
+        f"\nLayer {s['layer']}, {report['n_items']} held-out items: agnostic gap shrinks "
+        f"{100 * s['agnostic_gap_shrink']:.1f}%, push ratio {s['push_ratio']:.2f} (alpha "
+        f"{report['alpha']:g}), central-language retain MSE {s['retain_mse_rel']:.4f} of its "
+        f"variance, retrieval {s['retrieval_before']:.3f} -> {s['retrieval_after']:.3f}."
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The quickstart: probe + train + held-out check in one call
+
+QUICKSTART_CONFIG = TrainConfig(
+    kind="lora",
+    n_layers=2,
+    lora_rank=8,
+    lora_alpha=16.0,
+    learning_rate=2e-3,
+    batch_size=8,
+    num_epochs=2.0,
+    warmup_ratio=0.05,
+    weight_decay=0.0,
+    seed=0,
+)
+
+
+def probe_from_data(model: nn.Module, tokenizer, corpus, data: TrainingData, rank=None, seed=0):
+    """The language subspace at ``data.loss_layers`` from the frozen states already computed.
+
+    Same decomposition and metadata as :func:`lenssteer.probe.probe`, without a second pass.
+    """
+    from lenssteer.subspace import compute_subspace
+
+    identity = model_identity(model)
+    states = {language: data.frozen[:, k] for k, language in enumerate(data.languages)}
+    return compute_subspace(
+        states,
+        data.loss_layers,
+        data.central_language,
+        rank=rank,
+        seed=seed,
+        metadata={
+            "model": identity["model"],
+            "revision": identity["revision"],
+            "fingerprint": identity["fingerprint"],
+            "num_layers": len(find_decoder_layers(model)),
+            "pooling": data.pooling,
+            "template": template_signature(tokenizer, data.chat_template),
+            "corpus": getattr(corpus, "source", "in-memory"),
+            "data_hash": data.data_hash,
+            "licences": getattr(corpus, "licences", {}),
+        },
+    )
+
+
+def run_quickstart_training(
+    model: nn.Module,
+    tokenizer,
+    train_corpus,
+    heldout_corpus,
+    out_dir: str | Path,
+    subspace=None,
+    config: TrainConfig | None = None,
+    subspace_out: str | Path | None = None,
+    pooling: str = "last",
+    chat_template: bool | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Probe (if no ``subspace`` is given), train a LoRA adapter, and check it on held-out items.
+
+    Without ``subspace``, the subspace is computed from the training items' frozen states at the
+    trained layers (the pass that prepares training), so probing costs no extra forward pass; it is
+    saved to ``subspace_out`` if given. ``heldout_corpus`` must share no item with the training
+    corpus. Returns ``{"adapter", "subspace", "report", "report_markdown", "timings"}``; the adapter
+    (with the held-out summary in its config's ``metrics``) is saved to ``out_dir``.
+    """
+    config = config or QUICKSTART_CONFIG
+    shared = set(train_corpus.ids) & set(heldout_corpus.ids)
+    if shared:
+        raise TrainingError(
+            f"{len(shared)} held-out items are also training items (e.g. {sorted(shared)[0]})"
+        )
+    timings: dict[str, float] = {}
+    if subspace is not None:
+        pooling = subspace.metadata.get("pooling", pooling)
+        use_template = _chat_template_from_signature(tokenizer, subspace.metadata.get("template"))
+        subspace_layers = subspace.layers
+    else:
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        use_template = has_template if chat_template is None else chat_template
+        n_total = len(find_decoder_layers(model))
+        subspace_layers = list(range(n_total - config.n_layers, n_total))
+    trained, loss_layers = resolve_training_layers(
+        model, config.n_layers, subspace_layers, config.loss_layers
+    )
+    started = time.perf_counter()
+    data = prepare_training_data(
+        model,
+        tokenizer,
+        train_corpus,
+        trained[0],
+        loss_layers,
+        pooling=pooling,
+        chat_template=use_template,
+        share_prefix=config.share_prefix,
+        batch_size=config.precompute_batch_size,
+        progress=progress,
+    )
+    timings["precompute_train_s"] = time.perf_counter() - started
+    if subspace is None:
+        started = time.perf_counter()
+        subspace = probe_from_data(model, tokenizer, train_corpus, data)
+        if subspace_out is not None:
+            subspace.save(subspace_out)
+        timings["probe_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    adapter = train_lens(
+        model,
+        tokenizer,
+        subspace,
+        train_corpus,
+        out_dir,
+        config,
+        data=data,
+        progress=progress,
+        subspace_path=subspace_out,
+    )
+    timings["train_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    report = heldout_report(
+        model, tokenizer, adapter, subspace, heldout_corpus, batch_size=16, progress=progress
+    )
+    timings["heldout_check_s"] = time.perf_counter() - started
+    adapter.config.metrics["heldout"] = {
+        **report["summary"],
+        "n_items": report["n_items"],
+        "data_hash": report["data_hash"],
+    }
+    adapter.save_pretrained(out_dir)
+    return {
+        "adapter": adapter,
+        "subspace": subspace,
+        "report": report,
+        "report_markdown": format_report(report),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }

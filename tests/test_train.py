@@ -1,0 +1,615 @@
+"""Lens training: the fast path equals a full forward, the loop's mechanics, and bad input.
+
+Tiny random models test mechanics; the real SmolLM2 checks behaviour (``slow``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from lenssteer.data import ParallelCorpus
+from lenssteer.extract import extract_corpus, extract_states, template_signature
+from lenssteer.models import model_identity, num_decoder_layers
+from lenssteer.subspace import compute_subspace
+from lenssteer.train import (
+    LensTrainingModule,
+    TrainConfig,
+    TrainingError,
+    full_forward_states,
+    prepare_training_data,
+    representation_report,
+    resolve_training_layers,
+    top_layer_states,
+    train_lens,
+    trainable_top_layers,
+)
+
+EN = [
+    "the cat sleeps",
+    "the dog runs fast",
+    "I like green tea",
+    "it rains today",
+    "we read a book",
+    "the sun is hot",
+    "my house is small",
+    "she sings well",
+]
+FR = [
+    "le chat dort",
+    "le chien court vite",
+    "j'aime le thé vert",
+    "il pleut aujourd'hui",
+    "nous lisons un livre",
+    "le soleil est chaud",
+    "ma maison est petite",
+    "elle chante bien",
+]
+DE = [
+    "die Katze schläft",
+    "der Hund läuft schnell",
+    "ich mag grünen Tee",
+    "es regnet heute",
+    "wir lesen ein Buch",
+    "die Sonne ist heiß",
+    "mein Haus ist klein",
+    "sie singt gut",
+]
+
+
+def tiny_corpus(n_items: int = 8, languages=("en", "fr", "de")) -> ParallelCorpus:
+    texts = {"en": EN, "fr": FR, "de": DE}
+    return ParallelCorpus({lang: texts[lang][:n_items] for lang in languages}, "en")
+
+
+def make_subspace(model, tokenizer, corpus, layers, chat_template=True, pooling="last"):
+    """A subspace made the way ``lenssteer.probe.probe`` makes one (extraction + decomposition)."""
+    states = extract_corpus(
+        model,
+        tokenizer,
+        corpus,
+        layers,
+        pooling=pooling,
+        chat_template=chat_template,
+        progress=False,
+        cache_dir=False,
+    )
+    identity = model_identity(model)
+    return compute_subspace(
+        states,
+        layers,
+        corpus.central_language,
+        diagnostics=False,
+        metadata={
+            **identity,
+            "num_layers": num_decoder_layers(model),
+            "pooling": pooling,
+            "template": template_signature(tokenizer, chat_template),
+            "data_hash": corpus.data_hash(),
+        },
+    )
+
+
+def quick_config(**overrides) -> TrainConfig:
+    settings = dict(batch_size=4, num_epochs=1.0, learning_rate=1e-2, logging_steps=1, seed=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture
+def qwen(tokenizer):
+    return make_tiny_model("qwen2", vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def setup(qwen, tokenizer):
+    corpus = tiny_corpus()
+    return qwen, corpus, make_subspace(qwen, tokenizer, corpus, [2, 3])
+
+
+# --------------------------------------------------------------------------------------------------
+# The representation and the fast path
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_frozen_states_equal_what_probing_extracts(qwen, tokenizer, share_prefix, pooling):
+    """Lens fault: probing and training read different positions/templates. Here they are one."""
+    corpus = tiny_corpus(5)
+    data = prepare_training_data(
+        qwen,
+        tokenizer,
+        corpus,
+        2,
+        [2, 3],
+        pooling,
+        True,
+        share_prefix,
+        batch_size=3,
+        progress=False,
+    )
+    if share_prefix:
+        assert len(data.prefix_ids) > 5  # the chat template's system turn is shared
+    for k, language in enumerate(corpus.languages):
+        expected = extract_states(
+            qwen,
+            tokenizer,
+            corpus.texts[language],
+            [2, 3],
+            pooling=pooling,
+            chat_template=True,
+            cache_dir=False,
+            progress=False,
+        )
+        torch.testing.assert_close(data.frozen[:, k], expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral"])
+def test_fast_path_equals_full_forward(arch, tokenizer):
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    data = prepare_training_data(
+        model, tokenizer, tiny_corpus(4), 2, [2, 3], "last", True, batch_size=5, progress=False
+    )
+    batch = data.collate([0, 1, 2, 3], layer_inputs=True, input_ids=True)
+    assert (batch["attention_mask"] == 0).any()  # the batch is padded
+    with torch.no_grad():
+        fast = top_layer_states(model, batch["layer_inputs"], batch["attention_mask"], 2, [2, 3])
+        plain = full_forward_states(model, batch["input_ids"], batch["attention_mask"], [2, 3])
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.reshape(data.frozen.shape), data.frozen, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("kind", ["lora", "layers"])
+def test_fast_and_plain_losses_and_gradients_match(arch, kind, tokenizer):
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    corpus = tiny_corpus(6)
+    subspace = make_subspace(model, tokenizer, corpus, [2, 3])
+    data = prepare_training_data(
+        model, tokenizer, corpus, 2, [2, 3], "last", True, batch_size=4, progress=False
+    )
+    batch = data.collate([0, 2, 3, 5], layer_inputs=True, input_ids=True)
+    config = quick_config(kind=kind)
+    directions = subspace.directions.transpose(0, 1)
+    with trainable_top_layers(model, [2, 3], config) as trainable:
+        params = trainable.parameters()
+        torch.manual_seed(1)
+        with torch.no_grad():  # move away from the LoRA init (B = 0) so every gradient is non-zero
+            for p in params.values():
+                p.add_(0.05 * torch.randn_like(p))
+        module = LensTrainingModule(
+            model, subspace.specific_basis, directions, 0, 2, [2, 3], "last", config.objective()
+        )
+        results = {}
+        for fast in (True, False):
+            module.fast = fast
+            module.zero_grad()
+            for p in params.values():
+                p.grad = None
+            out = module(**batch)
+            out["loss"].backward()
+            results[fast] = (
+                {k: v.detach() for k, v in out.items()},
+                {n: p.grad.clone() for n, p in params.items()},
+            )
+    (fast_losses, fast_grads), (plain_losses, plain_grads) = results[True], results[False]
+    assert set(fast_losses) == {"loss", "pull", "push", "retain"}
+    for key in fast_losses:
+        torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-4, atol=1e-9)
+    assert set(fast_grads) == set(plain_grads) and fast_grads
+    for name in fast_grads:
+        assert fast_grads[name].abs().sum() > 0, name
+        scale = plain_grads[name].abs().max().item()
+        torch.testing.assert_close(
+            fast_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4 * scale
+        )
+
+
+def test_only_the_top_layers_get_gradients(setup, tokenizer):
+    model, corpus, subspace = setup
+    for kind in ("lora", "layers"):
+        with trainable_top_layers(model, [2, 3], quick_config(kind=kind)) as trainable:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            assert names
+            assert {id(p) for p in trainable.parameters().values()} == {
+                id(p) for p in model.parameters() if p.requires_grad
+            }
+            assert all(".layers.2." in n or ".layers.3." in n for n in names)
+        assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_architecture_the_fast_path_cannot_run_is_refused(tokenizer, tmp_path):
+    """GPT-2 adds position embeddings outside its blocks: the start-up check catches it."""
+    model = make_tiny_model("gpt2", vocab_size=len(tokenizer))
+    corpus = tiny_corpus(4)
+    subspace = make_subspace(model, tokenizer, corpus, [2, 3])
+    with pytest.raises(TrainingError, match="fast=False"):
+        train_lens(
+            model,
+            tokenizer,
+            subspace,
+            corpus,
+            tmp_path / "a",
+            quick_config(kind="layers"),
+            progress=False,
+        )
+
+
+def test_plain_path_trains_where_the_fast_path_cannot(tokenizer, tmp_path):
+    model = make_tiny_model("gpt2", vocab_size=len(tokenizer))
+    corpus = tiny_corpus(4)
+    subspace = make_subspace(model, tokenizer, corpus, [2, 3])
+    adapter = train_lens(
+        model,
+        tokenizer,
+        subspace,
+        corpus,
+        tmp_path / "a",
+        quick_config(kind="layers", fast=False),
+        progress=False,
+    )
+    assert adapter.config.metrics["train"]["global_step"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_training_lowers_the_loss_and_restores_the_model(setup, tokenizer, tmp_path):
+    model, corpus, subspace = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kind in ("lora", "layers"):
+        adapter = train_lens(
+            model,
+            tokenizer,
+            subspace,
+            corpus,
+            tmp_path / kind,
+            quick_config(kind=kind, batch_size=8, num_epochs=12.0, learning_rate=1e-3, alpha=3.0),
+            progress=False,
+        )
+        history = [e for e in adapter.log_history if "loss" in e]
+        assert {"loss_pull", "loss_push", "loss_retain"} <= set(history[0])
+        assert history[-1]["loss"] < 0.9 * history[0]["loss"], (kind, history)
+        after = model.state_dict()
+        assert set(after) == set(before)
+        for key, value in before.items():
+            assert torch.equal(after[key], value), key
+        assert not model.training
+
+
+def test_last_partial_batch_is_not_dropped(setup, tokenizer, tmp_path):
+    """Lens fault: the last partial batch was dropped. 5 items in batches of 2 -> 3 steps."""
+    model, _, _ = setup
+    corpus = tiny_corpus(5)
+    subspace = make_subspace(model, tokenizer, corpus, [2, 3])
+    adapter = train_lens(
+        model,
+        tokenizer,
+        subspace,
+        corpus,
+        tmp_path / "a",
+        quick_config(batch_size=2),
+        progress=False,
+    )
+    train = adapter.config.metrics["train"]
+    assert train["global_step"] == 3
+    assert train["items_seen"] == train["n_items"] == 5
+
+
+@pytest.mark.parametrize("off", ["pull", "push", "retain"])
+def test_any_loss_weight_may_be_zero(setup, tokenizer, tmp_path, off):
+    model, corpus, subspace = setup
+    adapter = train_lens(
+        model,
+        tokenizer,
+        subspace,
+        corpus,
+        tmp_path / "a",
+        quick_config(**{f"{off}_weight": 0.0}),
+        progress=False,
+    )
+    logged = [e for e in adapter.log_history if "loss" in e]
+    assert logged and all(f"loss_{off}" not in e for e in logged)
+    assert all(torch.isfinite(w).all() for w in adapter.weights.values())
+
+
+def test_same_seed_same_adapter(setup, tokenizer, tmp_path):
+    model, corpus, subspace = setup
+    runs = [
+        train_lens(
+            model, tokenizer, subspace, corpus, tmp_path / f"r{i}", quick_config(), progress=False
+        )
+        for i in range(2)
+    ]
+    other = train_lens(
+        model, tokenizer, subspace, corpus, tmp_path / "s", quick_config(seed=1), progress=False
+    )
+    for name, tensor in runs[0].weights.items():
+        assert torch.equal(tensor, runs[1].weights[name])
+    assert any(not torch.equal(t, other.weights[n]) for n, t in runs[0].weights.items())
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step: int):
+    from transformers import TrainerCallback
+
+    class Interrupter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Interrupt(f"stopped at step {step}")
+
+    return Interrupter()
+
+
+def test_interrupted_training_keeps_the_earlier_adapter_and_resumes(setup, tokenizer, tmp_path):
+    model, corpus, subspace = setup
+    out = tmp_path / "adapter"
+    config = quick_config(batch_size=2, num_epochs=2.0, save_steps=2)
+    train_lens(model, tokenizer, subspace, corpus, out, quick_config(seed=5), progress=False)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    with pytest.raises(_Interrupt):
+        train_lens(
+            model,
+            tokenizer,
+            subspace,
+            corpus,
+            out,
+            config,
+            progress=False,
+            callbacks=[_interrupt_at(5)],
+        )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]  # no debris
+    checkpoints = sorted((tmp_path / "adapter.checkpoints").glob("checkpoint-*"))
+    assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    assert not list((tmp_path / "adapter.checkpoints").rglob("*.bin"))  # no pickled weights
+
+    resumed = train_lens(
+        model, tokenizer, subspace, corpus, out, config, resume=True, progress=False
+    )
+    assert resumed.config.metrics["train"]["global_step"] == 8
+    straight = train_lens(
+        model, tokenizer, subspace, corpus, tmp_path / "straight", config, progress=False
+    )
+    for name, tensor in straight.weights.items():
+        torch.testing.assert_close(resumed.weights[name], tensor, atol=1e-6, rtol=1e-5)
+    assert not (tmp_path / "adapter.checkpoints").exists()  # cleaned up after success
+
+
+def test_resume_refuses_checkpoints_of_another_run(setup, tokenizer, tmp_path):
+    model, corpus, subspace = setup
+    out = tmp_path / "adapter"
+    with pytest.raises(_Interrupt):
+        train_lens(
+            model,
+            tokenizer,
+            subspace,
+            corpus,
+            out,
+            quick_config(batch_size=2, save_steps=1),
+            progress=False,
+            callbacks=[_interrupt_at(2)],
+        )
+    with pytest.raises(TrainingError, match="different run"):
+        train_lens(
+            model,
+            tokenizer,
+            subspace,
+            corpus,
+            out,
+            quick_config(batch_size=2, save_steps=1, learning_rate=1e-3),
+            resume=True,
+            progress=False,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_subspace_made_for_another_model(setup, tokenizer, tmp_path):
+    model, corpus, subspace = setup
+    other = make_tiny_model("qwen2", vocab_size=len(tokenizer), seed=1)
+    with pytest.raises(TrainingError, match="made for model"):
+        train_lens(
+            other, tokenizer, subspace, corpus, tmp_path / "a", quick_config(), progress=False
+        )
+    wider_subspace = copy.copy(subspace)
+    wider_subspace.means = torch.zeros(2, 3, 48)
+    with pytest.raises(TrainingError, match="hidden size"):
+        train_lens(
+            model, tokenizer, wider_subspace, corpus, tmp_path / "a", quick_config(), progress=False
+        )
+
+
+def test_languages_missing_from_the_subspace(setup, tokenizer, tmp_path):
+    model, corpus, _ = setup
+    subspace = make_subspace(model, tokenizer, tiny_corpus(8, ("en", "fr")), [2, 3])
+    with pytest.raises(TrainingError, match="de are not in the subspace"):
+        train_lens(
+            model, tokenizer, subspace, corpus, tmp_path / "a", quick_config(), progress=False
+        )
+
+
+def test_more_trained_layers_than_the_model_has(setup, tokenizer, tmp_path):
+    model, corpus, subspace = setup
+    with pytest.raises(TrainingError, match="the model has 4 decoder layers"):
+        train_lens(
+            model,
+            tokenizer,
+            subspace,
+            corpus,
+            tmp_path / "a",
+            quick_config(n_layers=5),
+            progress=False,
+        )
+
+
+def test_subspace_must_cover_the_top_trained_layer(setup, tokenizer):
+    model, corpus, _ = setup
+    low = make_subspace(model, tokenizer, corpus, [1, 2])
+    with pytest.raises(TrainingError, match="none of the trained layers"):
+        resolve_training_layers(model, 1, low.layers)
+    with pytest.raises(TrainingError, match="no gradient"):
+        resolve_training_layers(model, 2, low.layers)
+
+
+def test_subspace_probed_with_another_template(setup, tokenizer, tmp_path):
+    model, corpus, subspace = setup
+    other = copy.copy(subspace)
+    other.metadata = {**subspace.metadata, "template": "chat:000000000000"}
+    with pytest.raises(TrainingError, match="chat template"):
+        train_lens(model, tokenizer, other, corpus, tmp_path / "a", quick_config(), progress=False)
+
+
+def test_bad_settings_are_errors():
+    with pytest.raises(TrainingError, match="kind"):
+        TrainConfig(kind="full")
+    with pytest.raises(TrainingError, match="nothing to train"):
+        TrainConfig(pull_weight=0, push_weight=0, retain_weight=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The held-out report
+
+
+def test_representation_report_by_hand():
+    """One layer, 2-d states, specific subspace = x axis; central en, target fr; alpha 2."""
+    from lenssteer.subspace import Subspace
+
+    subspace = Subspace(
+        means=torch.tensor([[[0.0, 1.0], [2.0, 1.0]]]),
+        agnostic=torch.tensor([[0.0, 1.0]]),
+        specific_basis=torch.tensor([[[1.0, 0.0]]]),
+        directions=torch.tensor([[[0.0, 0.0], [2.0, 0.0]]]),
+        layers=[7],
+        languages=["en", "fr"],
+        central_language="en",
+    )
+    # items x languages x layers x hidden; centre of retrieval = mean of means = (1, 1)
+    before = torch.tensor([[[[1.0, 3.0]], [[3.0, 5.0]]], [[[1.0, -1.0]], [[3.0, 1.0]]]])
+    after = before.clone()
+    after[:, 1, 0, 1] -= 1.0  # the agnostic gap halves: 2 -> 1 on both items
+    after[:, 1, 0, 0] += 2.0  # specific moves by exactly one direction: ratio 1
+    after[:, 0, 0, 1] += 0.5  # central moves a little
+    report = representation_report(before, after, subspace, ["en", "fr"], [7], alpha=2.0)
+    fr = report["layers"][7]["languages"]["fr"]
+    assert fr["agnostic_gap_before"] == pytest.approx(2.0)
+    assert fr["agnostic_gap_after"] == pytest.approx(0.5)  # 2 - 1 - 0.5 (central moved up)
+    assert fr["shrink"] == pytest.approx(0.75)
+    assert fr["push_ratio"] == pytest.approx(1.0)
+    # central states (1,3),(1,-1): variance 4 per item; displacement 0.25 -> 0.0625
+    assert report["summary"]["retain_mse_rel"] == pytest.approx(0.0625)
+    assert fr["retrieval_before"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes (gloo) and the real model
+
+
+TWO_PROCESS_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from transformers import AutoTokenizer
+from conftest import make_tiny_model
+from test_train import tiny_corpus, make_subspace, quick_config
+from lenssteer.models import bundled_model_folder
+from lenssteer.train import train_lens
+tok = AutoTokenizer.from_pretrained(bundled_model_folder("smollm2-135m-instruct"))
+model = make_tiny_model("qwen2", vocab_size=len(tok))
+corpus = tiny_corpus(8)
+subspace = make_subspace(model, tok, corpus, [2, 3])
+batch = int(sys.argv[1])
+adapter = train_lens(model, tok, subspace, corpus, sys.argv[2],
+                     quick_config(batch_size=batch, num_epochs=2.0, learning_rate=1e-2),
+                     progress=False)
+if int(os.environ.get("RANK", "0")) == 0:
+    losses = [e["loss"] for e in adapter.log_history if "loss" in e]
+    with open(sys.argv[3], "w") as f:
+        json.dump({{"losses": losses, "processes": adapter.config.metrics["train"]["processes"]}}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU) with batch 2 each = one process with batch 4."""
+    script = tmp_path / "run.py"
+    script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    one = subprocess.run(
+        [sys.executable, str(script), "4", str(tmp_path / "a1"), str(tmp_path / "one.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+            "2",
+            str(tmp_path / "a2"),
+            str(tmp_path / "two.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    single = json.loads((tmp_path / "one.json").read_text())
+    double = json.loads((tmp_path / "two.json").read_text())
+    assert single["processes"] == 1 and double["processes"] == 2
+    assert len(single["losses"]) == len(double["losses"]) == 4
+    assert double["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_real_model_training_moves_heldout_states(tmp_path):
+    """SmolLM2 on public-domain Bible verses: the agnostic gap shrinks on held-out items."""
+    from lenssteer.data import load_corpus
+    from lenssteer.models import load_model
+    from lenssteer.train import run_quickstart_training
+
+    try:
+        corpus = load_corpus("bible", ["en", "fr", "de"], limit=60, seed=0)
+    except Exception as error:  # the corpus package is optional
+        pytest.skip(f"Bible corpus unavailable: {error}")
+    parts = corpus.split({"train": 2 / 3, "heldout": 1 / 3}, seed=0)
+    tokenizer, model = load_model("smollm2-135m-instruct")
+    result = run_quickstart_training(
+        model,
+        tokenizer,
+        parts["train"],
+        parts["heldout"],
+        tmp_path / "adapter",
+        config=TrainConfig(batch_size=4, num_epochs=3.0, learning_rate=2e-3, weight_decay=0.0),
+        progress=False,
+    )
+    summary = result["report"]["summary"]
+    assert summary["agnostic_gap_shrink"] > 0.2, result["report_markdown"]
+    assert summary["retain_mse_rel"] < 0.1, result["report_markdown"]
+    assert summary["retrieval_after"] >= summary["retrieval_before"] - 0.1
