@@ -1,0 +1,1317 @@
+"""XTransplant: does a model answer better in one language when it borrows one activation from another?
+
+XTransplant (Ye et al. 2024, arXiv 2412.12686) probes whether a multilingual model already holds what
+it needs to answer a question in language xx and only fails to use it. The same question is run in
+two languages: the *donor* (e.g. English) and the *recipient* (e.g. German). At the donor's last real
+prompt token we record the output of one module of source layer ``s``, before it joins the residual
+stream: the feed-forward block (granularity ``ffn``) or the self-attention block (``attn``). On the
+recipient's prefill pass, that module's output at the recipient's last real prompt token in target
+layer ``t`` is replaced by the recorded vector. Everything else stays the recipient's own: its other
+tokens and layers and every decoding step. Directions: ``en -> xx`` for multilingual tasks (borrow
+English competence) and ``xx -> en`` for culture tasks (borrow local knowledge).
+
+What it measures, on a multiple-choice task scored by the log-likelihood of each option:
+
+- accuracy of each ``(s, t)`` pair, as a heatmap over the grid;
+- the *instance-aware upper bound*: the share of items that at least one pair answers correctly. It
+  is optimistic by construction: with dozens of tries on four options, the union approaches 100% by
+  luck alone, so we report beside it a control with the same number of tries in which the donor is
+  a random other item;
+- *pair selection*: the best single pair chosen on a dev split and applied to held-out items, which
+  is what a user could deploy.
+
+Mechanics. Patches are forward hooks on modules found by :mod:`lenssteer.models` (any decoder
+architecture, no wrapper classes, no global state); hooks live inside a ``with`` block and are
+removed on error. A patch targets an *absolute column* of the sequence, and every forward call works
+out which columns it computes (from its attention mask / cache), so the patch lands exactly where
+that column is computed: once on a cached prefill (decoding steps never touch it), on every call
+without a cache (each call recomputes the prompt). Recorded activations are copies, never views of
+the model's buffers. The grid is fast: donors run once per item for all layers and both
+granularities; the recipient's prompt minus its last token runs once, and each pair (batched, on a
+copy of that KV cache) only costs the last token plus the answer tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lenssteer.hooks import (
+    StopForward,
+    hooked,
+    last_real_positions,
+    position_ids_from_mask,
+)
+from lenssteer.io import atomic_write_json, atomic_write_text
+from lenssteer.models import (
+    ModuleNames,
+    find_decoder_layers,
+    find_layer_modules,
+    resolve_layers,
+)
+
+__all__ = [
+    "GRANULARITIES",
+    "GRID_MODES",
+    "GridScores",
+    "accuracy",
+    "dev_heldout_split",
+    "encode_prompts",
+    "generate_transplanted",
+    "grid_pairs",
+    "load_selected_pairs",
+    "plot_accuracy_heatmap",
+    "record_donor_activations",
+    "record_module_outputs",
+    "run_transplant",
+    "run_transplant_grid",
+    "save_selected_pairs",
+    "select_pair",
+    "summarize_grid",
+    "transplant_generate",
+    "transplant_grid",
+    "transplant_loglikelihoods",
+    "transplanted",
+    "wilson_interval",
+]
+
+GRANULARITIES = ("ffn", "attn")
+_MODULE_KEY = {"ffn": "mlp", "attn": "attn"}  # granularity -> key of find_layer_modules
+GRID_MODES = ("overall", "target-first", "explicit")
+
+DonorActivations = dict[str, torch.Tensor]  # granularity -> (n_items, n_layers, hidden)
+
+
+def _check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)} "
+            "(ffn = MLP output, attn = self-attention output)"
+        )
+    return granularity
+
+
+def _layer_index(model: nn.Module, layer: int, names: ModuleNames | None) -> int:
+    """Absolute index of ``layer`` (negative counts from the top); out of range is a ValueError."""
+    return resolve_layers([int(layer)], len(find_decoder_layers(model, names)))[0]
+
+
+def _check_aligned(donor_prompts: Sequence[Any], recipient_prompts: Sequence[Any]) -> None:
+    if len(donor_prompts) != len(recipient_prompts):
+        raise ValueError(
+            f"donor and recipient lists must be aligned item by item: got {len(donor_prompts)} "
+            f"donor and {len(recipient_prompts)} recipient prompts"
+        )
+    if not recipient_prompts:
+        raise ValueError("no prompts given")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _logits_kwargs(model: nn.Module, keep: int) -> dict[str, int]:
+    """``logits_to_keep`` when the model accepts it: skips the LM head on positions we never read."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": keep}
+    return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _encode_one(tokenizer, text: str, add_special_tokens: bool | None) -> list[int]:
+    if not text:
+        raise ValueError("empty prompt")
+    if add_special_tokens is None:  # templated text already starts with its BOS: do not add another
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special_tokens = not (bos and text.startswith(bos))
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt {text[:40]!r} has no tokens")
+    return list(ids)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    return int(pad)
+
+
+def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            input_ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids, attention_mask
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], add_special_tokens: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)``, both ``(batch, seq)``.
+
+    ``add_special_tokens=None`` adds them unless the text already starts with the BOS token (as
+    chat-templated text does).
+    """
+    return _left_pad(
+        [_encode_one(tokenizer, p, add_special_tokens) for p in prompts], _pad_id(tokenizer)
+    )
+
+
+def _continuation_ids(
+    tokenizer, prompt_ids: list[int], prompt: str, continuation: str
+) -> list[int]:
+    """Tokens of ``continuation`` as they follow ``prompt`` (split from the joint encoding)."""
+    joint = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if joint[: len(plain)] == plain and len(joint) > len(plain):
+        ids = joint[len(plain) :]
+    else:  # the boundary merged: encode the continuation alone
+        ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"continuation {continuation!r} has no tokens")
+    return list(ids)
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches, shortest first, so padding stays small (results go back in input order)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording (donor side)
+
+
+@torch.no_grad()
+def record_module_outputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    granularities: Sequence[str] = GRANULARITIES,
+    names: ModuleNames | None = None,
+) -> DonorActivations:
+    """Module outputs at each row's last real token, for every requested layer, in one pass.
+
+    ``input_ids``, ``attention_mask``: ``(batch, seq)``, any padding side. ``layers``: indices
+    (default all). Returns ``{granularity: (batch, len(layers), hidden)}``, float32 copies.
+    """
+    granularities = [_check_granularity(g) for g in granularities]
+    n_layers = len(find_decoder_layers(model, names))
+    layers = (
+        list(range(n_layers)) if layers is None else [_layer_index(model, i, names) for i in layers]
+    )
+    positions = last_real_positions(attention_mask)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    store: dict[str, dict[int, torch.Tensor]] = {g: {} for g in granularities}
+
+    def recorder(granularity: str, layer: int):
+        def hook(_module: nn.Module, hidden: torch.Tensor) -> None:
+            # A copy: the reference code kept a view and the block's in-place residual add then
+            # turned the "attention output" into the whole residual stream.
+            store[granularity][layer] = hidden[rows, positions].detach().to(torch.float32).clone()
+
+        return hook
+
+    def stop(_module: nn.Module, _hidden: torch.Tensor) -> None:
+        raise StopForward
+
+    hooks = []
+    for layer in layers:
+        modules = find_layer_modules(model, layer, names)
+        hooks += [(modules[_MODULE_KEY[g]], recorder(g, layer)) for g in granularities]
+    hooks.append((find_decoder_layers(model, names)[max(layers)], stop))
+    with hooked(hooks):
+        try:
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        except StopForward:
+            pass
+    return {g: torch.stack([store[g][i] for i in layers], dim=1) for g in granularities}
+
+
+def record_donor_activations(
+    model: nn.Module,
+    tokenizer,
+    donor_prompts: Sequence[str],
+    layers: Sequence[int] | None = None,
+    granularities: Sequence[str] = GRANULARITIES,
+    batch_size: int = 8,
+    add_special_tokens: bool | None = None,
+    names: ModuleNames | None = None,
+    progress: bool = False,
+) -> DonorActivations:
+    """Run each donor prompt once; ``{granularity: (n_prompts, len(layers), hidden)}``.
+
+    ``layers`` defaults to all decoder layers, so one pass serves every source layer of a grid.
+    """
+    encoded = [_encode_one(tokenizer, p, add_special_tokens) for p in donor_prompts]
+    pad_id = _pad_id(tokenizer)
+    device = _device(model)
+    out: DonorActivations = {}
+    with tqdm(total=len(encoded), desc="donors", unit="item", disable=not progress) as bar:
+        for batch in _batches([len(ids) for ids in encoded], batch_size):
+            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
+            recorded = record_module_outputs(
+                model, input_ids.to(device), attention_mask.to(device), layers, granularities, names
+            )
+            for granularity, values in recorded.items():
+                if granularity not in out:
+                    out[granularity] = torch.empty(len(encoded), *values.shape[1:])
+                out[granularity][torch.tensor(batch)] = values.cpu()
+            bar.update(len(batch))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Patching (recipient side)
+
+
+def _call_tracker(state: dict[str, int]):
+    """A pre-hook on the model that notes the absolute column at which each forward call starts."""
+
+    def track(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None and args:
+            tokens = args[0]
+        seq = tokens.shape[1]
+        mask = kwargs.get("attention_mask")
+        cache_position = kwargs.get("cache_position")
+        past = kwargs.get("past_key_values")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            start = mask.shape[1] - seq  # a 2-D mask always spans past + current columns
+        elif isinstance(cache_position, torch.Tensor) and cache_position.numel():
+            start = int(cache_position.reshape(-1)[0])
+        elif past is not None and hasattr(past, "get_seq_length"):
+            start = int(past.get_seq_length())
+        else:
+            start = 0
+        state["start"] = start
+
+    return track
+
+
+def _patcher(
+    state: dict[str, int],
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    activations: torch.Tensor,
+):
+    """Replace ``hidden[row, positions[row] - start]`` by ``activations[row]`` for ``rows``, when that
+    column is computed in the current call."""
+
+    def hook(_module: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        if hidden.dim() != 3 or hidden.shape[0] != activations.shape[0]:
+            raise ValueError(
+                f"transplant expects a module output of shape (batch={activations.shape[0]}, seq, "
+                f"hidden), got {tuple(hidden.shape)} (beam search and other batch expansions are "
+                "not supported)"
+            )
+        local = positions.to(hidden.device) - state["start"]
+        hit = rows.to(hidden.device) & (local >= 0) & (local < hidden.shape[1])
+        if not bool(hit.any()):
+            return None
+        index = hit.nonzero().squeeze(1)
+        patched = hidden.clone()
+        patched[index, local[index]] = activations.to(hidden.device, hidden.dtype)[index]
+        return patched
+
+    return hook
+
+
+@contextmanager
+def transplanted(
+    model: nn.Module,
+    activations: torch.Tensor,
+    positions: torch.Tensor,
+    target_layers: int | torch.Tensor,
+    granularity: str = "ffn",
+    names: ModuleNames | None = None,
+) -> Iterator[None]:
+    """Within the block, row ``b``'s ``granularity`` output of layer ``target_layers[b]`` at absolute
+    column ``positions[b]`` is replaced by ``activations[b]``, whenever a forward call computes it.
+
+    ``activations``: ``(batch, hidden)``; ``positions``: ``(batch,)`` column in the padded batch
+    (e.g. :func:`lenssteer.hooks.last_real_positions`); a negative position leaves the row alone.
+    ``target_layers``: an int or ``(batch,)`` indices (negative counts from the top). With a KV
+    cache, only the call that computes that column (the prefill) is patched; without one, every call
+    recomputes it and is patched, so both give the same result.
+    """
+    granularity = _check_granularity(granularity)
+    if activations.dim() != 2:
+        raise ValueError(f"activations must be (batch, hidden), got {tuple(activations.shape)}")
+    batch = activations.shape[0]
+    if positions.shape != (batch,):
+        raise ValueError(f"positions must be ({batch},), got {tuple(positions.shape)}")
+    if isinstance(target_layers, int):
+        target_layers = torch.full((batch,), target_layers, dtype=torch.long)
+    if target_layers.shape != (batch,):
+        raise ValueError(
+            f"target_layers must be an int or ({batch},), got {tuple(target_layers.shape)}"
+        )
+    absolute = {int(t): _layer_index(model, int(t), names) for t in target_layers.unique().tolist()}
+    targets = torch.tensor([absolute[int(t)] for t in target_layers.tolist()], dtype=torch.long)
+    state = {"start": 0}
+    hooks = []
+    for layer in sorted(set(absolute.values())):
+        module = find_layer_modules(model, layer, names)[_MODULE_KEY[granularity]]
+        hooks.append((module, _patcher(state, targets == layer, positions.long(), activations)))
+    with hooked(output_hooks=hooks, input_hooks=[(model, _call_tracker(state))]):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Uses: generation and log-likelihood scoring on the patched recipient
+
+
+@torch.no_grad()
+def generate_transplanted(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    activations: torch.Tensor | None,
+    target_layer: int | None,
+    granularity: str = "ffn",
+    max_new_tokens: int = 32,
+    use_cache: bool = True,
+    pad_token_id: int | None = None,
+    names: ModuleNames | None = None,
+) -> torch.Tensor:
+    """Greedy generation on a left-padded recipient batch, patched at each row's last real token.
+
+    ``input_ids``, ``attention_mask``: ``(batch, seq)``; ``activations``: ``(batch, hidden)`` or
+    ``None`` for the unpatched model. Returns the new tokens ``(batch, <= max_new_tokens)``.
+    """
+    from transformers import GenerationConfig
+
+    if attention_mask[:, -1].eq(0).any():
+        raise ValueError("generation needs left padding (the last column must be real tokens)")
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=use_cache,
+        eos_token_id=eos,
+        pad_token_id=pad_token_id
+        if pad_token_id is not None
+        else (eos if isinstance(eos, int) else 0),
+    )
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    if activations is None or target_layer is None:
+        output = model.generate(**kwargs)
+    else:
+        positions = last_real_positions(attention_mask)
+        with transplanted(model, activations, positions, target_layer, granularity, names):
+            output = model.generate(**kwargs)
+    return output[:, input_ids.shape[1] :]
+
+
+def _donor_vectors(
+    model,
+    tokenizer,
+    donor_prompts,
+    source_layer,
+    granularity,
+    batch_size,
+    add_special_tokens,
+    names,
+) -> torch.Tensor:
+    """``(n, hidden)``: the donors' ``granularity`` output at ``source_layer``, last real token."""
+    source = _layer_index(model, source_layer, names)
+    recorded = record_donor_activations(
+        model,
+        tokenizer,
+        donor_prompts,
+        [source],
+        [granularity],
+        batch_size,
+        add_special_tokens,
+        names,
+    )
+    return recorded[granularity][:, 0]
+
+
+def _check_pair(source_layer, target_layer) -> bool:
+    """True when a transplant is asked for; both layers or neither must be given."""
+    if (source_layer is None) != (target_layer is None):
+        raise ValueError("give both source_layer and target_layer, or neither for the base model")
+    return source_layer is not None
+
+
+def transplant_generate(
+    model: nn.Module,
+    tokenizer,
+    donor_prompts: Sequence[str],
+    recipient_prompts: Sequence[str],
+    source_layer: int | None,
+    target_layer: int | None,
+    granularity: str = "ffn",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    use_cache: bool = True,
+    add_special_tokens: bool | None = None,
+    names: ModuleNames | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of each recipient prompt, patched from its aligned donor.
+
+    ``source_layer=target_layer=None`` generates with the unpatched model (donors unused).
+    """
+    _check_aligned(donor_prompts, recipient_prompts)
+    granularity = _check_granularity(granularity)
+    patch = _check_pair(source_layer, target_layer)
+    if patch:
+        target_layer = _layer_index(model, target_layer, names)
+        donors = _donor_vectors(
+            model,
+            tokenizer,
+            donor_prompts,
+            source_layer,
+            granularity,
+            batch_size,
+            add_special_tokens,
+            names,
+        )
+    encoded = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]
+    pad_id, device = _pad_id(tokenizer), _device(model)
+    texts: list[str] = [""] * len(encoded)
+    batches = _batches([len(ids) for ids in encoded], batch_size)
+    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
+        new = generate_transplanted(
+            model,
+            input_ids.to(device),
+            attention_mask.to(device),
+            donors[torch.tensor(batch)].to(device) if patch else None,
+            target_layer,
+            granularity,
+            max_new_tokens,
+            use_cache,
+            pad_id,
+            names,
+        )
+        for row, index in enumerate(batch):
+            texts[index] = tokenizer.decode(new[row], skip_special_tokens=True)
+    return texts
+
+
+def _score_rows(
+    logits: torch.Tensor, targets: list[list[int]], first_columns: list[int]
+) -> torch.Tensor:
+    """Sum of log-probabilities of ``targets[r]`` read from ``logits[r, first_columns[r] + j]``."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    scores = torch.empty(len(targets))
+    for row, (tokens, first) in enumerate(zip(targets, first_columns, strict=True)):
+        columns = torch.arange(first, first + len(tokens))
+        scores[row] = log_probs[row, columns, torch.tensor(tokens)].sum()
+    return scores
+
+
+@torch.no_grad()
+def transplant_loglikelihoods(
+    model: nn.Module,
+    tokenizer,
+    donor_prompts: Sequence[str],
+    recipient_prompts: Sequence[str],
+    continuations: Sequence[Sequence[str]],
+    source_layer: int | None,
+    target_layer: int | None,
+    granularity: str = "ffn",
+    batch_size: int = 8,
+    add_special_tokens: bool | None = None,
+    names: ModuleNames | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Log-likelihood of each continuation after each patched recipient prompt, from scratch.
+
+    One donor pass and one full recipient pass per call; :func:`transplant_grid` is the fast way
+    to score many pairs. Returns ``(n_items, max_options)``; missing options are ``-inf``.
+    ``source_layer=target_layer=None`` scores the unpatched model.
+    """
+    _check_aligned(donor_prompts, recipient_prompts)
+    if len(continuations) != len(recipient_prompts):
+        raise ValueError(
+            f"got {len(continuations)} continuation lists for {len(recipient_prompts)} prompts"
+        )
+    granularity = _check_granularity(granularity)
+    patch = _check_pair(source_layer, target_layer)
+    if patch:
+        target_layer = _layer_index(model, target_layer, names)
+        donors = _donor_vectors(
+            model,
+            tokenizer,
+            donor_prompts,
+            source_layer,
+            granularity,
+            batch_size,
+            add_special_tokens,
+            names,
+        )
+    pad_id, device = _pad_id(tokenizer), _device(model)
+    prompts = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]
+    conts = [
+        [_continuation_ids(tokenizer, ids, p, c) for c in options]
+        for ids, p, options in zip(prompts, recipient_prompts, continuations, strict=True)
+    ]
+    n_options = max(len(options) for options in conts)
+    scores = torch.full((len(prompts), n_options), -math.inf)
+    for batch in tqdm(
+        _batches([len(ids) for ids in prompts], batch_size),
+        desc="score",
+        unit="batch",
+        disable=not progress,
+    ):
+        # One row per item when every option is one token (read them all from the same logits),
+        # otherwise one row per (item, option): prompt + option minus its last token.
+        single = all(len(c) == 1 for i in batch for c in conts[i])
+        row_items, row_options, sequences, targets = [], [], [], []
+        for i in batch:
+            if single:
+                row_items.append(i)
+                row_options.append(None)
+                sequences.append(prompts[i])
+                targets.append([c[0] for c in conts[i]])
+            else:
+                for o, cont in enumerate(conts[i]):
+                    row_items.append(i)
+                    row_options.append(o)
+                    sequences.append(prompts[i] + cont[:-1])
+                    targets.append(cont)
+        input_ids, attention_mask = _left_pad(sequences, pad_id)
+        width = input_ids.shape[1]
+        # Column of each row's last prompt token: rows end at the last column.
+        last_prompt = torch.tensor(
+            [
+                width - (len(seq) - len(prompts[i])) - 1
+                for seq, i in zip(sequences, row_items, strict=True)
+            ]
+        )
+        keep = int((width - last_prompt).max())
+        forward = dict(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids_from_mask(attention_mask).to(device),
+            use_cache=False,
+            **_logits_kwargs(model, keep),
+        )
+        if patch:
+            with transplanted(
+                model,
+                donors[torch.tensor(row_items)],
+                last_prompt,
+                target_layer,
+                granularity,
+                names,
+            ):
+                logits = model(**forward).logits
+        else:
+            logits = model(**forward).logits
+        logits = logits[:, -keep:].cpu()
+        first = (last_prompt - (width - keep)).tolist()
+        if single:
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(row_items):
+                scores[i, : len(targets[row])] = log_probs[
+                    row, first[row], torch.tensor(targets[row])
+                ]
+        else:
+            row_scores = _score_rows(logits, targets, first)
+            for row, (i, o) in enumerate(zip(row_items, row_options, strict=True)):
+                scores[i, o] = row_scores[row]
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast grid
+
+
+def grid_pairs(
+    mode: str,
+    n_layers: int,
+    sources: Sequence[int] | None = None,
+    targets: Sequence[int] | None = None,
+) -> list[tuple[int, int]]:
+    """``(source, target)`` pairs, ordered by target then source.
+
+    ``overall``: every pair; ``target-first``: target 0, every source (the paper's cheap mode);
+    ``explicit``: ``sources x targets``. In the first two, ``sources``/``targets`` restrict the
+    range when given.
+    """
+    if mode not in GRID_MODES:
+        raise ValueError(f"unknown grid mode {mode!r}; choose one of {', '.join(GRID_MODES)}")
+    all_layers = list(range(n_layers))
+    src = resolve_layers(list(sources), n_layers) if sources is not None else all_layers
+    if mode == "target-first":
+        if targets is not None and resolve_layers(list(targets), n_layers) != [0]:
+            raise ValueError("grid mode 'target-first' fixes the target layer at 0")
+        tgt = [0]
+    elif mode == "explicit":
+        if sources is None or targets is None:
+            raise ValueError("grid mode 'explicit' needs both sources and targets")
+        tgt = resolve_layers(list(targets), n_layers)
+    else:
+        tgt = resolve_layers(list(targets), n_layers) if targets is not None else all_layers
+    return [(s, t) for t in tgt for s in src]
+
+
+@dataclass
+class GridScores:
+    """Option log-likelihoods of one granularity over a grid of (source, target) pairs.
+
+    ``base``: ``(n_items, n_options)`` unpatched; ``transplant``: ``(n_items, n_pairs, n_options)``
+    with each item's own donor; ``control``: the same with a random other item as donor
+    (``control_donors``: ``(n_items, n_pairs)`` its index), or ``None``.
+    """
+
+    granularity: str
+    pairs: list[tuple[int, int]]
+    base: torch.Tensor
+    transplant: torch.Tensor
+    control: torch.Tensor | None = None
+    control_donors: torch.Tensor | None = None
+
+
+def _random_other_items(n_items: int, n_tries: int, seed: int) -> torch.Tensor:
+    """``(n_items, n_tries)``: for each item, random indices of *other* items."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n_items - 1, (n_items, n_tries), generator=generator)
+    return draws + (draws >= torch.arange(n_items).unsqueeze(1)).long()
+
+
+@torch.no_grad()
+def transplant_grid(
+    model: nn.Module,
+    tokenizer,
+    recipient_prompts: Sequence[str],
+    continuations: Sequence[Sequence[str]],
+    donor_activations: DonorActivations,
+    pairs: Sequence[tuple[int, int]],
+    control: bool = True,
+    seed: int = 0,
+    chunk_size: int = 48,
+    add_special_tokens: bool | None = None,
+    names: ModuleNames | None = None,
+    progress: bool = False,
+) -> dict[str, GridScores]:
+    """Score every (source, target) pair on every item, reusing the recipient's KV cache.
+
+    ``donor_activations``: from :func:`record_donor_activations` over *all* layers,
+    ``{granularity: (n_items, n_layers, hidden)}``, item ``i`` aligned with ``recipient_prompts[i]``;
+    every granularity in it is scored. Per item, the prompt minus its last token runs once; then
+    chunks of pair rows (base, transplant and control) run on a copy of that cache, each row
+    computing only the last prompt token (patched) and the option tokens. Gives the same numbers as
+    :func:`transplant_loglikelihoods` per pair.
+    """
+    n_items = len(recipient_prompts)
+    if len(continuations) != n_items:
+        raise ValueError(f"got {len(continuations)} continuation lists for {n_items} prompts")
+    if not donor_activations:
+        raise ValueError("donor_activations is empty")
+    n_layers = len(find_decoder_layers(model, names))
+    for granularity, values in donor_activations.items():
+        _check_granularity(granularity)
+        if values.dim() != 3 or values.shape[0] != n_items or values.shape[1] != n_layers:
+            raise ValueError(
+                f"donor_activations[{granularity!r}] must be (n_items={n_items}, "
+                f"n_layers={n_layers}, hidden) over all layers, got {tuple(values.shape)}"
+            )
+    pairs = [(_layer_index(model, s, names), _layer_index(model, t, names)) for s, t in pairs]
+    if not pairs:
+        raise ValueError("no (source, target) pairs to score")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    control = control and n_items > 1
+    others = _random_other_items(n_items, len(pairs), seed) if control else None
+    device = _device(model)
+    granularities = list(donor_activations)
+    prompts = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]
+    conts = [
+        [_continuation_ids(tokenizer, ids, p, c) for c in options]
+        for ids, p, options in zip(prompts, recipient_prompts, continuations, strict=True)
+    ]
+    n_options = max(len(options) for options in conts)
+    base = torch.full((n_items, n_options), -math.inf)
+    shape = (n_items, len(pairs), n_options)
+    results = {
+        g: GridScores(
+            granularity=g,
+            pairs=list(pairs),
+            base=base,
+            transplant=torch.full(shape, -math.inf),
+            control=torch.full(shape, -math.inf) if control else None,
+            control_donors=others,
+        )
+        for g in granularities
+    }
+    sources = torch.tensor([s for s, _ in pairs])
+    targets = torch.tensor([t for _, t in pairs])
+    for i in tqdm(range(n_items), desc="grid", unit="item", disable=not progress):
+        cache, prefix_len = _prefix_cache(model, prompts[i][:-1], device)
+        last = prompts[i][-1]
+
+        run = functools.partial(
+            _score_on_cache, model, cache, prefix_len, last, conts[i], names=names, device=device
+        )
+        base[i, : len(conts[i])] = run(None, None, None)[0]
+        for granularity in granularities:
+            values = donor_activations[granularity]
+            own = values[i, sources]  # (n_pairs, hidden)
+            rows = [(own, results[granularity].transplant)]
+            if control:
+                rows.append((values[others[i], sources], results[granularity].control))
+            for activations, table in rows:
+                for start in range(0, len(pairs), chunk_size):
+                    chunk = slice(start, start + chunk_size)
+                    table[i, chunk, : len(conts[i])] = run(
+                        activations[chunk], targets[chunk], granularity
+                    )
+    return results
+
+
+def _prefix_cache(model: nn.Module, prefix: list[int], device: torch.device):
+    """Run the prompt minus its last token once; ``(cache or None, its length)``."""
+    if not prefix:
+        return None, 0
+    input_ids = torch.tensor([prefix], device=device)
+    output = model(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        position_ids=torch.arange(len(prefix), device=device).unsqueeze(0),
+        use_cache=True,
+        **_logits_kwargs(model, 1),
+    )
+    return output.past_key_values, len(prefix)
+
+
+def _score_on_cache(
+    model: nn.Module,
+    cache,
+    prefix_len: int,
+    last: int,
+    conts: list[list[int]],
+    activations: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    granularity: str | None,
+    *,
+    names: ModuleNames | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """``(n_rows, n_options)`` option log-likelihoods for rows patched with ``activations``
+    (``(n_rows, hidden)``) at ``targets`` (``(n_rows,)``); one unpatched row if ``None``.
+
+    Each row gets its own copy of the prefix cache, so rows and calls never see each other's keys.
+    """
+    n_rows = 1 if activations is None else activations.shape[0]
+    single = all(len(c) == 1 for c in conts)
+    # Inputs: the last prompt token, then each option minus its last token (right-padded).
+    if single:
+        sequences = [[last]] * n_rows
+    else:
+        sequences = [[last, *c[:-1]] for _ in range(n_rows) for c in conts]
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    new_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        new_mask[row, : len(seq)] = 1
+    attention_mask = torch.cat(
+        [torch.ones((len(sequences), prefix_len), dtype=torch.long), new_mask], dim=1
+    )
+    position_ids = (prefix_len + torch.arange(width)).unsqueeze(0).expand(len(sequences), -1)
+    forward = dict(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        use_cache=True,
+    )
+    if cache is not None:
+        rows_cache = copy.deepcopy(cache)
+        rows_cache.batch_repeat_interleave(len(sequences))
+        forward["past_key_values"] = rows_cache
+    if activations is None:
+        logits = model(**forward).logits
+    else:
+        repeat = 1 if single else len(conts)
+        row_activations = activations.repeat_interleave(repeat, dim=0)
+        row_targets = targets.repeat_interleave(repeat, dim=0)
+        positions = torch.full((len(sequences),), prefix_len, dtype=torch.long)
+        with transplanted(model, row_activations, positions, row_targets, granularity, names):
+            logits = model(**forward).logits
+    logits = logits.cpu()
+    if single:
+        log_probs = torch.log_softmax(logits[:, 0].float(), dim=-1)
+        return log_probs[:, torch.tensor([c[0] for c in conts])]
+    row_targets_ids = [c for _ in range(n_rows) for c in conts]
+    scores = _score_rows(logits, row_targets_ids, [0] * len(sequences))
+    return scores.view(n_rows, len(conts))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a grid: accuracy, upper bound, control, pair selection
+
+
+def accuracy(scores: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Whether the top-scoring option is the answer: ``scores (..., n_options)`` -> bool ``(...)``.
+
+    ``answers``: ``(n_items,)``; the item axis of ``scores`` comes first.
+    """
+    answers = answers.long().view(-1, *([1] * (scores.dim() - 2)))
+    return scores.argmax(dim=-1) == answers
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if total == 0:
+        return (0.0, 1.0)
+    p = successes / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def select_pair(correct: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> int:
+    """Index of the most accurate pair over items (``correct``: bool ``(n_items, n_pairs)``).
+
+    Ties: lowest target layer, then deepest source layer, as the paper's code does.
+    """
+    if correct.shape[1] != len(pairs) or not pairs:
+        raise ValueError(f"correct has {correct.shape[1]} pairs, pairs lists {len(pairs)}")
+    hits = correct.sum(dim=0).tolist()
+    return max(range(len(pairs)), key=lambda k: (hits[k], -pairs[k][1], pairs[k][0]))
+
+
+def dev_heldout_split(
+    n_items: int, dev_fraction: float = 0.5, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of item indices into (dev, held-out), both sorted."""
+    if not 0 < dev_fraction < 1:
+        raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
+    if n_items < 2:
+        raise ValueError("pair selection needs at least 2 items")
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed))
+    n_dev = min(n_items - 1, max(1, round(n_items * dev_fraction)))
+    return order[:n_dev].sort().values, order[n_dev:].sort().values
+
+
+def summarize_grid(
+    scores: GridScores,
+    answers: torch.Tensor,
+    dev_fraction: float = 0.5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy numbers of one grid: base, every pair, best pair, upper bound, control, selection.
+
+    Accuracies are fractions; ``*_ci`` are 95% Wilson intervals. The selection picks a pair on a
+    seeded dev split and reports it on the held-out rest against the base model there.
+    """
+    answers = answers.long()
+    n = len(answers)
+    base = accuracy(scores.base, answers)
+    pair_correct = accuracy(scores.transplant, answers)  # (n_items, n_pairs)
+    best = select_pair(pair_correct, scores.pairs)
+    pair_accuracy = pair_correct.float().mean(dim=0)
+    summary: dict[str, Any] = {
+        "granularity": scores.granularity,
+        "n_items": n,
+        "n_pairs": len(scores.pairs),
+        "pairs": [list(p) for p in scores.pairs],
+        "pair_accuracy": [round(float(a), 4) for a in pair_accuracy],
+        "base_accuracy": float(base.float().mean()),
+        "base_accuracy_ci": wilson_interval(int(base.sum()), n),
+        "best_pair": list(scores.pairs[best]),
+        "best_pair_accuracy": float(pair_accuracy[best]),
+        "best_pair_accuracy_ci": wilson_interval(int(pair_correct[:, best].sum()), n),
+        "upper_bound": float(pair_correct.any(dim=1).float().mean()),
+        "base_correct": "".join("1" if c else "0" for c in base.tolist()),
+        "pair_correct": ["".join("1" if c else "0" for c in row) for row in pair_correct.tolist()],
+    }
+    if scores.control is not None:
+        control_correct = accuracy(scores.control, answers)
+        summary["control_upper_bound"] = float(control_correct.any(dim=1).float().mean())
+        summary["control_mean_pair_accuracy"] = float(control_correct.float().mean())
+    if n >= 2:
+        dev, held = dev_heldout_split(n, dev_fraction, seed)
+        chosen = select_pair(pair_correct[dev], scores.pairs)
+        summary["selection"] = {
+            "dev_items": len(dev),
+            "heldout_items": len(held),
+            "pair": list(scores.pairs[chosen]),
+            "dev_accuracy": float(pair_correct[dev, chosen].float().mean()),
+            "heldout_accuracy": float(pair_correct[held, chosen].float().mean()),
+            "heldout_base_accuracy": float(base[held].float().mean()),
+        }
+    return summary
+
+
+def save_selected_pairs(path: str | Path, selected: dict[str, Any]) -> None:
+    """Write chosen pairs (``{language: {granularity: {...}}}`` plus metadata) as JSON, atomically."""
+    atomic_write_json(path, {"format": "lenssteer-transplant-pairs", "version": 1, **selected})
+
+
+def load_selected_pairs(path: str | Path) -> dict[str, Any]:
+    import json
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("format") != "lenssteer-transplant-pairs":
+        raise ValueError(f"{path} is not a lenssteer transplant pair file")
+    return data
+
+
+def plot_accuracy_heatmap(
+    pair_accuracy: Sequence[float],
+    pairs: Sequence[tuple[int, int]],
+    path: str | Path,
+    title: str = "",
+    base_accuracy: float | None = None,
+) -> None:
+    """A PNG heatmap of accuracy over (source, target); pairs not in the grid stay blank.
+
+    Drawn on an Agg canvas without touching the global matplotlib backend; written atomically.
+    """
+    import io
+
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sources = sorted({s for s, _ in pairs})
+    targets = sorted({t for _, t in pairs})
+    grid = np.full((len(sources), len(targets)), np.nan)
+    for (s, t), value in zip(pairs, pair_accuracy, strict=True):
+        grid[sources.index(s), targets.index(t)] = value
+    width = min(12.0, 2.6 + 0.32 * len(targets))
+    height = min(10.0, 1.6 + 0.22 * len(sources))
+    figure = Figure(figsize=(max(width, 3.4), max(height, 2.5)), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    image = axes.imshow(
+        grid, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest"
+    )
+    colorbar = figure.colorbar(image, ax=axes)
+    colorbar.set_label("accuracy")
+    if base_accuracy is not None:
+        colorbar.ax.axhline(base_accuracy, color="red", linewidth=2)
+    step_t = max(1, len(targets) // 12)
+    step_s = max(1, len(sources) // 12)
+    axes.set_xticks(range(0, len(targets), step_t), [str(t) for t in targets[::step_t]])
+    axes.set_yticks(range(0, len(sources), step_s), [str(s) for s in sources[::step_s]])
+    axes.set_xlabel("target layer t (recipient)")
+    axes.set_ylabel("source layer s (donor)")
+    if base_accuracy is not None:
+        title = f"{title}\nbase {base_accuracy:.3f} (red line on the colour bar)".strip()
+    axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(buffer.getvalue())
+    temporary.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs on a task (the CLI calls these)
+
+
+def _task_prompts(tokenizer, items, chat_template):
+    from lenssteer.tasks import format_multiple_choice
+
+    formatted = [format_multiple_choice(tokenizer, item, chat_template) for item in items]
+    return [f.text for f in formatted], [f.continuations for f in formatted]
+
+
+def _aligned_items(task: str, donor_language: str, recipient_languages: Sequence[str], limit, seed):
+    from lenssteer.tasks import align_items, load_task, sample_items
+
+    lists = align_items(
+        load_task(task, donor_language), *(load_task(task, lang) for lang in recipient_languages)
+    )
+    if not lists[0]:
+        raise ValueError(
+            f"task {task!r} has no items aligned across {donor_language}, "
+            f"{', '.join(recipient_languages)}"
+        )
+    return [sample_items(items, limit, seed) for items in lists]
+
+
+def run_transplant(
+    model_name: str,
+    task: str = "mmlu-translated",
+    donor_language: str = "en",
+    recipient_language: str = "de",
+    granularity: str = "ffn",
+    source_layer: int = 3,
+    target_layer: int = 0,
+    generate: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    chat_template: bool | None = None,
+    names: ModuleNames | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One pair on a task: base vs transplanted accuracy (and greedy outputs with ``generate``)."""
+    from lenssteer.models import load_model, model_identity
+
+    granularity = _check_granularity(granularity)
+    tokenizer, model = load_model(model_name)
+    donors, recipients = _aligned_items(task, donor_language, [recipient_language], limit, seed)
+    donor_prompts, _ = _task_prompts(tokenizer, donors, chat_template)
+    recipient_prompts, continuations = _task_prompts(tokenizer, recipients, chat_template)
+    answers = torch.tensor([item.answer for item in recipients])
+    started = time.perf_counter()
+    common = dict(batch_size=batch_size, names=names, progress=progress)
+    base = transplant_loglikelihoods(
+        model, tokenizer, donor_prompts, recipient_prompts, continuations, None, None, **common
+    )
+    patched = transplant_loglikelihoods(
+        model,
+        tokenizer,
+        donor_prompts,
+        recipient_prompts,
+        continuations,
+        source_layer,
+        target_layer,
+        granularity,
+        **common,
+    )
+    base_ok, patched_ok = accuracy(base, answers), accuracy(patched, answers)
+    n = len(answers)
+    result: dict[str, Any] = {
+        "model": model_identity(model),
+        "task": task,
+        "donor_language": donor_language,
+        "recipient_language": recipient_language,
+        "granularity": granularity,
+        "source_layer": _layer_index(model, source_layer, names),
+        "target_layer": _layer_index(model, target_layer, names),
+        "n_items": n,
+        "item_ids": [item.id for item in recipients],
+        "base_accuracy": float(base_ok.float().mean()),
+        "base_accuracy_ci": wilson_interval(int(base_ok.sum()), n),
+        "transplant_accuracy": float(patched_ok.float().mean()),
+        "transplant_accuracy_ci": wilson_interval(int(patched_ok.sum()), n),
+        "changed_answers": int((base.argmax(-1) != patched.argmax(-1)).sum()),
+    }
+    if generate:
+        result["generations"] = [
+            {"id": item.id, "base": b, "transplant": t}
+            for item, b, t in zip(
+                recipients,
+                transplant_generate(
+                    model,
+                    tokenizer,
+                    donor_prompts,
+                    recipient_prompts,
+                    None,
+                    None,
+                    max_new_tokens=generate,
+                    **common,
+                ),
+                transplant_generate(
+                    model,
+                    tokenizer,
+                    donor_prompts,
+                    recipient_prompts,
+                    source_layer,
+                    target_layer,
+                    granularity,
+                    max_new_tokens=generate,
+                    **common,
+                ),
+                strict=True,
+            )
+        ]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    if out is not None:
+        atomic_write_json(out, result)
+    return result
+
+
+def run_transplant_grid(
+    model_name: str,
+    out_dir: str | Path,
+    task: str = "mmlu-translated",
+    donor_language: str = "en",
+    recipient_languages: Sequence[str] = ("de",),
+    granularities: Sequence[str] = ("ffn",),
+    mode: str = "target-first",
+    sources: Sequence[int] | None = None,
+    targets: Sequence[int] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    dev_fraction: float = 0.5,
+    control: bool = True,
+    batch_size: int = 8,
+    chunk_size: int = 48,
+    chat_template: bool | None = None,
+    names: ModuleNames | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The grid on a task for each recipient language; writes ``grid.json``, ``selected_pairs.json``,
+    one ``heatmap_<lang>_<granularity>.png`` per grid and ``summary.md`` into ``out_dir``.
+
+    Donors are recorded once and shared by all recipient languages. Returns the JSON content.
+    """
+    from lenssteer.models import load_model, model_identity
+
+    granularities = [_check_granularity(g) for g in granularities]
+    recipient_languages = list(recipient_languages)
+    if not recipient_languages:
+        raise ValueError("give at least one recipient language")
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    tokenizer, model = load_model(model_name)
+    n_layers = len(find_decoder_layers(model, names))
+    pairs = grid_pairs(mode, n_layers, sources, targets)
+    donors, *recipient_lists = _aligned_items(
+        task, donor_language, recipient_languages, limit, seed
+    )
+    donor_prompts, _ = _task_prompts(tokenizer, donors, chat_template)
+    donor_activations = record_donor_activations(
+        model,
+        tokenizer,
+        donor_prompts,
+        None,
+        granularities,
+        batch_size,
+        names=names,
+        progress=progress,
+    )
+    identity = model_identity(model)
+    result: dict[str, Any] = {
+        "model": identity,
+        "task": task,
+        "donor_language": donor_language,
+        "recipient_languages": recipient_languages,
+        "granularities": granularities,
+        "mode": mode,
+        "n_layers": n_layers,
+        "n_items": len(donors),
+        "item_ids": [item.id for item in donors],
+        "seed": seed,
+        "dev_fraction": dev_fraction,
+        "command": command,
+        "languages": {},
+    }
+    selected: dict[str, Any] = {"model": identity, "task": task, "donor_language": donor_language}
+    for language, items in zip(recipient_languages, recipient_lists, strict=True):
+        prompts, continuations = _task_prompts(tokenizer, items, chat_template)
+        answers = torch.tensor([item.answer for item in items])
+        grids = transplant_grid(
+            model,
+            tokenizer,
+            prompts,
+            continuations,
+            donor_activations,
+            pairs,
+            control=control,
+            seed=seed,
+            chunk_size=chunk_size,
+            names=names,
+            progress=progress,
+        )
+        result["languages"][language] = {}
+        selected[language] = {}
+        for granularity, scores in grids.items():
+            summary = summarize_grid(scores, answers, dev_fraction, seed)
+            heatmap = f"heatmap_{language}_{granularity}.png"
+            plot_accuracy_heatmap(
+                summary["pair_accuracy"],
+                scores.pairs,
+                out_dir / heatmap,
+                f"{identity['model']}: {donor_language}->{language}, {granularity}, "
+                f"{len(items)} items",
+                summary["base_accuracy"],
+            )
+            summary["heatmap"] = heatmap
+            result["languages"][language][granularity] = summary
+            selection = summary.get("selection", {})
+            selected[language][granularity] = {
+                "source_layer": selection.get("pair", summary["best_pair"])[0],
+                "target_layer": selection.get("pair", summary["best_pair"])[1],
+                **{k: v for k, v in selection.items() if k != "pair"},
+            }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(out_dir / "grid.json", result)
+    save_selected_pairs(out_dir / "selected_pairs.json", selected)
+    atomic_write_text(out_dir / "summary.md", format_grid_summary(result))
+    return result
+
+
+def format_grid_summary(result: dict[str, Any]) -> str:
+    """A Markdown report of :func:`run_transplant_grid`'s result."""
+    lines = [
+        f"# XTransplant grid: {result['model']['model']} on {result['task']}",
+        "",
+        f"Donor language {result['donor_language']}; mode {result['mode']} "
+        f"({result['n_layers']} layers); {result['n_items']} aligned items per language; "
+        f"{result.get('seconds', '?')} s.",
+        "",
+        "| recipient | granularity | base | best pair (s,t) | best pair | upper bound "
+        "| random-donor bound | held-out: chosen pair | held-out: pair | held-out: base |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    def with_ci(value: float, ci: Sequence[float]) -> str:
+        return f"{pct(value)} [{pct(ci[0])}, {pct(ci[1])}]"
+
+    for language, grids in result["languages"].items():
+        for granularity, s in grids.items():
+            sel = s.get("selection", {})
+            lines.append(
+                f"| {language} | {granularity} | {with_ci(s['base_accuracy'], s['base_accuracy_ci'])} "
+                f"| ({s['best_pair'][0]},{s['best_pair'][1]}) "
+                f"| {with_ci(s['best_pair_accuracy'], s['best_pair_accuracy_ci'])} "
+                f"| {pct(s['upper_bound'])} | {pct(s.get('control_upper_bound'))} "
+                f"| {tuple(sel['pair']) if sel else '-'} | {pct(sel.get('heldout_accuracy'))} "
+                f"| {pct(sel.get('heldout_base_accuracy'))} |"
+            )
+    lines += [
+        "",
+        "Accuracy in %, with 95% Wilson intervals. Upper bound: share of items that at least one "
+        "pair answers correctly; the random-donor bound is the same union with a random other "
+        "item as donor (same number of tries), i.e. what chance alone gives. Held-out: the pair "
+        "chosen on a dev split (ties: lowest target, deepest source) evaluated on the other items.",
+        "",
+    ]
+    for language, grids in result["languages"].items():
+        for granularity, s in grids.items():
+            lines.append(f"![{language} {granularity}]({s['heatmap']})")
+    if result.get("command"):
+        lines += ["", "Command:", "", f"    {result['command']}"]
+    return "\n".join(lines) + "\n"
