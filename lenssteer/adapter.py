@@ -408,3 +408,40 @@ class SteeringAdapter:
         identity["merged_adapter"] = f"{self.kind}:{self.config.weights_sha256 or 'unsaved'}"
         merged.lenssteer_identity = identity
         return merged
+
+
+def generate(
+    model: str,
+    prompt: str,
+    adapter: str | Path | None = None,
+    max_new_tokens: int = 64,
+    chat_template: bool | None = None,
+    compare: bool = True,
+    loaded=None,
+) -> dict[str, str]:
+    """Greedy answers to ``prompt`` from the base model and, with ``adapter``, the steered one.
+
+    Returns ``{"base": ...}`` and/or ``{"steered": ...}`` (``compare=False`` skips the base answer
+    when an adapter is given). ``chat_template=None`` uses the template if the tokenizer has one.
+    """
+    from lenssteer.evaluate import generate_greedy
+    from lenssteer.extract import format_texts
+    from lenssteer.models import load_model
+
+    tokenizer, lm = loaded if loaded is not None else load_model(model)
+    if chat_template is None:
+        chat_template = bool(getattr(tokenizer, "chat_template", None))
+    text = format_texts(tokenizer, [prompt], chat_template)[0]
+    special = not chat_template
+    answers: dict[str, str] = {}
+    if adapter is None or compare:
+        answers["base"] = generate_greedy(
+            lm, tokenizer, [text], max_new_tokens, add_special_tokens=special
+        )[0]
+    if adapter is not None:
+        steering = SteeringAdapter.from_pretrained(adapter)
+        with steering.apply(lm) as steered:
+            answers["steered"] = generate_greedy(
+                steered, tokenizer, [text], max_new_tokens, add_special_tokens=special
+            )[0]
+    return answers

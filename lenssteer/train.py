@@ -1440,3 +1440,51 @@ def run_quickstart_training(
         "report_markdown": format_report(report),
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# From names (what the CLI calls)
+
+
+def train_adapter(
+    model: str,
+    subspace: str | Path,
+    out: str | Path,
+    corpus: str = "bible",
+    languages: Sequence[str] | None = None,
+    central_language: str = "en",
+    limit: int | None = 200,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    module_names: ModuleNames | None = None,
+    loaded=None,
+) -> SteeringAdapter:
+    """Load model, subspace folder and corpus by name, train, and save the adapter to ``out``.
+
+    ``languages`` defaults to the subspace's languages. ``loaded`` may pass an already loaded
+    ``(tokenizer, model)`` pair.
+    """
+    from lenssteer.data import load_corpus
+    from lenssteer.models import load_model
+    from lenssteer.subspace import Subspace
+
+    lens_subspace = Subspace.load(subspace)
+    languages = list(languages) if languages else list(lens_subspace.languages)
+    parallel = load_corpus(
+        corpus, languages, central_language=central_language, limit=limit, seed=seed
+    )
+    tokenizer, lm = loaded if loaded is not None else load_model(model)
+    return train_lens(
+        lm,
+        tokenizer,
+        lens_subspace,
+        parallel,
+        out,
+        config,
+        resume=resume,
+        progress=progress,
+        subspace_path=subspace,
+        module_names=module_names,
+    )
