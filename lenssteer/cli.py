@@ -159,8 +159,308 @@ def _run_probe(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# transplant, transplant-grid (XTransplant)
 
-COMMANDS: list[Callable] = [_add_probe]
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated layer indices") from None
+
+
+def _add_transplant_task_arguments(parser: argparse.ArgumentParser, several: bool) -> None:
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--task",
+        default="mmlu-translated",
+        help="aligned multiple-choice task (default: mmlu-translated)",
+    )
+    parser.add_argument(
+        "--donor-lang", default="en", help="language of the donor prompts (default: en)"
+    )
+    parser.add_argument(
+        "--recipient-lang",
+        type=_languages if several else str,
+        default=["de"] if several else "de",
+        help="recipient language" + ("s, comma-separated" if several else "") + " (default: de)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_positive_int,
+        help="a seeded random sample of N aligned items (default: all)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sample/split/control seed (default: 0)"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    add_template_arguments(parser)
+
+
+def _add_transplant(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "transplant",
+        help="XTransplant one (source, target) layer pair: base vs patched accuracy",
+        description="Record a module's output (ffn or attn) at the donor prompt's last token in "
+        "source layer s, write it into the recipient prompt's last token in target layer t on the "
+        "prefill pass, and score the task's answer options on the patched recipient.",
+        epilog=EPILOG,
+    )
+    _add_transplant_task_arguments(parser, several=False)
+    parser.add_argument("--granularity", choices=["ffn", "attn"], default="ffn")
+    parser.add_argument("--source", type=int, required=True, help="source (donor) layer s")
+    parser.add_argument("--target", type=int, required=True, help="target (recipient) layer t")
+    parser.add_argument(
+        "--generate", type=_positive_int, metavar="N", help="also generate N tokens greedily"
+    )
+    parser.add_argument("--out", help="write the result as JSON to this file")
+    parser.set_defaults(handler=_run_transplant)
+
+
+def _run_transplant(args: argparse.Namespace) -> int:
+    from lenssteer.transplant import run_transplant
+
+    result = run_transplant(
+        args.model,
+        task=args.task,
+        donor_language=args.donor_lang,
+        recipient_language=args.recipient_lang,
+        granularity=args.granularity,
+        source_layer=args.source,
+        target_layer=args.target,
+        generate=args.generate,
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        chat_template=args.chat_template,
+        names=module_names_from(args),
+        out=args.out,
+    )
+    print(
+        f"\n{result['model']['model']}: {args.task} {args.donor_lang}->{args.recipient_lang}, "
+        f"{args.granularity} s={result['source_layer']} t={result['target_layer']}, "
+        f"{result['n_items']} items"
+    )
+    for name in ("base", "transplant"):
+        low, high = result[f"{name}_accuracy_ci"]
+        print(f"  {name:<10} accuracy {result[f'{name}_accuracy']:.3f}  [{low:.3f}, {high:.3f}]")
+    print(f"  answers changed by the transplant: {result['changed_answers']}")
+    for generation in result.get("generations", [])[:5]:
+        print(f"\n  [{generation['id']}]\n    base:       {generation['base']!r}")
+        print(f"    transplant: {generation['transplant']!r}")
+    if args.out:
+        print(f"\nwritten to {args.out}")
+    return 0
+
+
+def _add_transplant_grid(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "transplant-grid",
+        help="XTransplant over a grid of layer pairs: upper bound, random-donor control, "
+        "pair selection, heatmap",
+        description="Score every (source, target) pair of a grid on the task for each recipient "
+        "language (donor runs once per item, the recipient's KV cache is reused per pair). Writes "
+        "grid.json, selected_pairs.json, heatmap_<lang>_<granularity>.png and summary.md to --out.",
+        epilog=EPILOG,
+    )
+    _add_transplant_task_arguments(parser, several=True)
+    parser.add_argument("--granularity", choices=["ffn", "attn", "both"], default="ffn")
+    parser.add_argument(
+        "--mode",
+        choices=["overall", "target-first", "explicit"],
+        default="target-first",
+        help="all pairs, target layer 0 only (default), or --sources x --targets",
+    )
+    parser.add_argument("--sources", type=_layer_list, help="source layers, e.g. 0,4,8")
+    parser.add_argument("--targets", type=_layer_list, help="target layers (explicit/overall)")
+    parser.add_argument(
+        "--dev-fraction", type=float, default=0.5, help="share of items for pair selection"
+    )
+    parser.add_argument(
+        "--no-control", dest="control", action="store_false", help="skip the random-donor control"
+    )
+    parser.add_argument(
+        "--chunk-size", type=_positive_int, default=64, help="grid rows per forward pass"
+    )
+    parser.add_argument("--out", required=True, help="folder for the results")
+    parser.set_defaults(handler=_run_transplant_grid)
+
+
+def _transplant_grid_command(args: argparse.Namespace) -> str:
+    """The equivalent command line, written into the results for reproduction."""
+    parts = ["lenssteer", "transplant-grid", "--model", args.model, "--task", args.task]
+    parts += ["--donor-lang", args.donor_lang, "--recipient-lang", ",".join(args.recipient_lang)]
+    parts += ["--granularity", args.granularity, "--mode", args.mode]
+    for flag, values in (("--sources", args.sources), ("--targets", args.targets)):
+        if values:
+            parts.append(f"{flag}={','.join(map(str, values))}")
+    if args.limit:
+        parts += ["--limit", str(args.limit)]
+    parts += ["--seed", str(args.seed), "--out", args.out]
+    if not args.control:
+        parts.append("--no-control")
+    return " ".join(parts)
+
+
+def _run_transplant_grid(args: argparse.Namespace) -> int:
+    from lenssteer.transplant import format_grid_summary, run_transplant_grid
+
+    result = run_transplant_grid(
+        args.model,
+        args.out,
+        task=args.task,
+        donor_language=args.donor_lang,
+        recipient_languages=args.recipient_lang,
+        granularities=["ffn", "attn"] if args.granularity == "both" else [args.granularity],
+        mode=args.mode,
+        sources=args.sources,
+        targets=args.targets,
+        limit=args.limit,
+        seed=args.seed,
+        dev_fraction=args.dev_fraction,
+        control=args.control,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        chat_template=args.chat_template,
+        names=module_names_from(args),
+        command=_transplant_grid_command(args),
+    )
+    print("\n" + format_grid_summary(result))
+    print(f"results written to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a Lens steering adapter on the top layers (LoRA or full layers)",
+        description="Train the top K decoder layers so that target languages move toward the "
+        "central language in the language-agnostic subspace (pull), further along their own "
+        "direction in the language-specific subspace (push), while the central language stays put "
+        "(retain). Uses the subspace's pooling and prompt template. Writes adapter_config.json + "
+        "adapter_model.safetensors (a LoRA folder is also a PEFT adapter).",
+        epilog=EPILOG,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--subspace", required=True, help="subspace folder made by 'probe'")
+    add_corpus_arguments(parser, default_limit=200)
+    parser.add_argument("--kind", choices=["lora", "layers"], default="lora", help="default: lora")
+    parser.add_argument("--out", required=True, help="adapter folder to write")
+    parser.add_argument(
+        "--top-layers", type=_positive_int, default=2, help="train the top K layers (default: 2)"
+    )
+    parser.add_argument("--lr", type=float, help="learning rate (default: 1e-4)")
+    parser.add_argument("--epochs", type=float, help="epochs over the items (default: 1)")
+    parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    parser.add_argument("--batch-size", type=_positive_int, help="parallel items per step (8)")
+    parser.add_argument("--pull-weight", type=float, help="default: 1")
+    parser.add_argument("--push-weight", type=float, help="default: 1")
+    parser.add_argument("--retain-weight", type=float, help="default: 1")
+    parser.add_argument("--alpha", type=float, help="push strength along the direction (default 1)")
+    parser.add_argument("--lora-rank", type=_positive_int, help="default: 8")
+    parser.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: none)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument(
+        "--plain", action="store_true", help="full forward each step instead of the fast path"
+    )
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lenssteer.train import TrainConfig, train_adapter
+
+    overrides = {
+        "learning_rate": args.lr,
+        "num_epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "pull_weight": args.pull_weight,
+        "push_weight": args.push_weight,
+        "retain_weight": args.retain_weight,
+        "alpha": args.alpha,
+        "lora_rank": args.lora_rank,
+        "save_steps": args.save_steps,
+    }
+    config = TrainConfig(
+        kind=args.kind,
+        n_layers=args.top_layers,
+        fast=not args.plain,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    adapter = train_adapter(
+        args.model,
+        args.subspace,
+        args.out,
+        corpus=args.corpus,
+        languages=args.languages,
+        central_language=args.central,
+        limit=args.limit,
+        seed=args.seed,
+        config=config,
+        resume=args.resume,
+        module_names=module_names_from(args),
+    )
+    train = adapter.config.metrics["train"]
+    print(
+        f"\n{adapter.kind} adapter on layers {adapter.config.trained_layers}: "
+        f"{train['global_step']} steps, final loss {train['last_log']['loss']:.4g}; "
+        f"written to {args.out}"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="answer a prompt with the model, with and without a steering adapter",
+        description="Greedy generation from the base model and, with --adapter, from the steered "
+        "model, side by side.",
+        epilog=EPILOG,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--adapter", help="steering adapter folder (made by 'train')")
+    parser.add_argument("--prompt", required=True, help="the user message")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default: 64")
+    parser.add_argument(
+        "--steered-only", action="store_true", help="with --adapter, skip the base model's answer"
+    )
+    add_template_arguments(parser)
+    parser.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from lenssteer.adapter import generate
+
+    answers = generate(
+        args.model,
+        args.prompt,
+        adapter=args.adapter,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=args.chat_template,
+        compare=not args.steered_only,
+    )
+    for name, text in answers.items():
+        print(f"--- {name}:\n{text}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+COMMANDS: list[Callable] = [
+    _add_probe,
+    _add_transplant,
+    _add_transplant_grid,
+    _add_train,
+    _add_generate,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

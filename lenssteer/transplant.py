@@ -34,12 +34,11 @@ copy of that KV cache) only costs the last token plus the answer tokens.
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import math
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -715,7 +714,7 @@ def transplant_grid(
     pairs: Sequence[tuple[int, int]],
     control: bool = True,
     seed: int = 0,
-    chunk_size: int = 48,
+    chunk_size: int = 64,
     add_special_tokens: bool | None = None,
     names: ModuleNames | None = None,
     progress: bool = False,
@@ -725,8 +724,9 @@ def transplant_grid(
     ``donor_activations``: from :func:`record_donor_activations` over *all* layers,
     ``{granularity: (n_items, n_layers, hidden)}``, item ``i`` aligned with ``recipient_prompts[i]``;
     every granularity in it is scored. Per item, the prompt minus its last token runs once; then
-    chunks of pair rows (base, transplant and control) run on a copy of that cache, each row
-    computing only the last prompt token (patched) and the option tokens. Gives the same numbers as
+    rows (unpatched, each pair with the item's donor, each pair with a random other item's donor
+    when ``control``), ``chunk_size`` at a time, run on copies of that cache, each computing only
+    the last prompt token (patched) and the option tokens. Gives the same numbers as
     :func:`transplant_loglikelihoods` per pair.
     """
     n_items = len(recipient_prompts)
@@ -771,28 +771,51 @@ def transplant_grid(
         for g in granularities
     }
     sources = torch.tensor([s for s, _ in pairs])
-    targets = torch.tensor([t for _, t in pairs])
     for i in tqdm(range(n_items), desc="grid", unit="item", disable=not progress):
         cache, prefix_len = _prefix_cache(model, prompts[i][:-1], device)
-        last = prompts[i][-1]
-
-        run = functools.partial(
-            _score_on_cache, model, cache, prefix_len, last, conts[i], names=names, device=device
-        )
-        base[i, : len(conts[i])] = run(None, None, None)[0]
+        # One row per (granularity, donor, pair), plus one unpatched row; rows of every kind share
+        # forward passes, since a few-token pass costs about one read of the weights.
+        rows: list[_Row] = [_Row(None, None, 0)]
+        destinations: list[tuple[torch.Tensor, int] | None] = [None]
         for granularity in granularities:
             values = donor_activations[granularity]
-            own = values[i, sources]  # (n_pairs, hidden)
-            rows = [(own, results[granularity].transplant)]
+            groups = [(results[granularity].transplant, values[i, sources])]  # (n_pairs, hidden)
             if control:
-                rows.append((values[others[i], sources], results[granularity].control))
-            for activations, table in rows:
-                for start in range(0, len(pairs), chunk_size):
-                    chunk = slice(start, start + chunk_size)
-                    table[i, chunk, : len(conts[i])] = run(
-                        activations[chunk], targets[chunk], granularity
-                    )
+                groups.append((results[granularity].control, values[others[i], sources]))
+            for table, activations in groups:
+                for k, (_, target) in enumerate(pairs):
+                    rows.append(_Row(granularity, activations[k], target))
+                    destinations.append((table, k))
+        n = len(conts[i])
+        for start in range(0, len(rows), chunk_size):
+            scores = _score_on_cache(
+                model,
+                cache,
+                prefix_len,
+                prompts[i][-1],
+                conts[i],
+                rows[start : start + chunk_size],
+                names=names,
+                device=device,
+            )
+            for destination, row_scores in zip(
+                destinations[start : start + chunk_size], scores, strict=True
+            ):
+                if destination is None:
+                    base[i, :n] = row_scores
+                else:
+                    table, k = destination
+                    table[i, k, :n] = row_scores
     return results
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One row of a grid pass: unpatched when ``granularity`` is None."""
+
+    granularity: str | None
+    activation: torch.Tensor | None  # (hidden,)
+    target_layer: int
 
 
 def _prefix_cache(model: nn.Module, prefix: list[int], device: torch.device):
@@ -816,31 +839,28 @@ def _score_on_cache(
     prefix_len: int,
     last: int,
     conts: list[list[int]],
-    activations: torch.Tensor | None,
-    targets: torch.Tensor | None,
-    granularity: str | None,
+    rows: Sequence[_Row],
     *,
     names: ModuleNames | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """``(n_rows, n_options)`` option log-likelihoods for rows patched with ``activations``
-    (``(n_rows, hidden)``) at ``targets`` (``(n_rows,)``); one unpatched row if ``None``.
+    """``(len(rows), n_options)`` option log-likelihoods, each row patched as it says.
 
-    Each row gets its own copy of the prefix cache, so rows and calls never see each other's keys.
+    All rows run in one pass on copies of the prefix cache (so they never see each other's keys):
+    the last prompt token, patched, then each option minus its last token.
     """
-    n_rows = 1 if activations is None else activations.shape[0]
     single = all(len(c) == 1 for c in conts)
-    # Inputs: the last prompt token, then each option minus its last token (right-padded).
-    if single:
-        sequences = [[last]] * n_rows
+    repeat = 1 if single else len(conts)  # model rows per grid row
+    if single:  # every option is one token: read them all from the last token's logits
+        sequences = [[last]] * len(rows)
     else:
-        sequences = [[last, *c[:-1]] for _ in range(n_rows) for c in conts]
+        sequences = [[last, *c[:-1]] for _ in rows for c in conts]
     width = max(len(seq) for seq in sequences)
     input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
     new_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        new_mask[row, : len(seq)] = 1
+    for index, seq in enumerate(sequences):
+        input_ids[index, : len(seq)] = torch.tensor(seq)
+        new_mask[index, : len(seq)] = 1
     attention_mask = torch.cat(
         [torch.ones((len(sequences), prefix_len), dtype=torch.long), new_mask], dim=1
     )
@@ -855,22 +875,36 @@ def _score_on_cache(
         rows_cache = copy.deepcopy(cache)
         rows_cache.batch_repeat_interleave(len(sequences))
         forward["past_key_values"] = rows_cache
-    if activations is None:
-        logits = model(**forward).logits
-    else:
-        repeat = 1 if single else len(conts)
-        row_activations = activations.repeat_interleave(repeat, dim=0)
-        row_targets = targets.repeat_interleave(repeat, dim=0)
-        positions = torch.full((len(sequences),), prefix_len, dtype=torch.long)
-        with transplanted(model, row_activations, positions, row_targets, granularity, names):
-            logits = model(**forward).logits
-    logits = logits.cpu()
+    with ExitStack() as stack:
+        for granularity in GRANULARITIES:
+            members = [r for r, row in enumerate(rows) if row.granularity == granularity]
+            if not members:
+                continue
+            hidden = rows[members[0]].activation.shape[-1]
+            activations = torch.zeros(len(rows), hidden)
+            positions = torch.full((len(rows),), -1, dtype=torch.long)  # -1: leave the row alone
+            targets = torch.full((len(rows),), rows[members[0]].target_layer, dtype=torch.long)
+            for r in members:
+                activations[r] = rows[r].activation
+                positions[r] = prefix_len
+                targets[r] = rows[r].target_layer
+            stack.enter_context(
+                transplanted(
+                    model,
+                    activations.repeat_interleave(repeat, dim=0),
+                    positions.repeat_interleave(repeat, dim=0),
+                    targets.repeat_interleave(repeat, dim=0),
+                    granularity,
+                    names,
+                )
+            )
+        logits = model(**forward).logits.cpu()
     if single:
         log_probs = torch.log_softmax(logits[:, 0].float(), dim=-1)
         return log_probs[:, torch.tensor([c[0] for c in conts])]
-    row_targets_ids = [c for _ in range(n_rows) for c in conts]
-    scores = _score_rows(logits, row_targets_ids, [0] * len(sequences))
-    return scores.view(n_rows, len(conts))
+    targets_ids = [c for _ in rows for c in conts]
+    scores = _score_rows(logits, targets_ids, [0] * len(sequences))
+    return scores.view(len(rows), len(conts))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1173,7 +1207,7 @@ def run_transplant_grid(
     dev_fraction: float = 0.5,
     control: bool = True,
     batch_size: int = 8,
-    chunk_size: int = 48,
+    chunk_size: int = 64,
     chat_template: bool | None = None,
     names: ModuleNames | None = None,
     command: str | None = None,

@@ -550,3 +550,58 @@ def test_real_model_batched_and_cache_equivalences(smollm2):
         model, tokenizer, donors, recipients, 8, 0, max_new_tokens=6, use_cache=False
     )
     assert batched == single == no_cache
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line, end to end on a tiny model saved as a local folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", vocab_size=len(tokenizer), n_layers=N_LAYERS).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_transplant_grid_writes_json_heatmaps_and_summary(tiny_folder, tmp_path, capsys):
+    from lenssteer.cli import main
+
+    out = tmp_path / "grid"
+    argv = ["transplant-grid", "--model", tiny_folder, "--recipient-lang", "de,fr"]
+    argv += ["--mode", "explicit", "--sources", "0,3", "--targets", "0,1", "--limit", "4"]
+    assert main([*argv, "--out", str(out)]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "grid.json",
+        "heatmap_de_ffn.png",
+        "heatmap_fr_ffn.png",
+        "selected_pairs.json",
+        "summary.md",
+    ]
+    result = json.loads((out / "grid.json").read_text())
+    assert result["n_items"] == 4 and result["recipient_languages"] == ["de", "fr"]
+    grid = result["languages"]["de"]["ffn"]
+    assert grid["pairs"] == [[0, 0], [3, 0], [0, 1], [3, 1]]
+    assert 0 <= grid["base_accuracy"] <= 1 and grid["best_pair_accuracy"] <= grid["upper_bound"]
+    assert {"control_upper_bound", "best_pair", "selection"} <= set(grid)
+    assert result["command"].startswith("lenssteer transplant-grid --model")
+    summary = (out / "summary.md").read_text()
+    assert "| de | ffn |" in summary and "random-donor bound" in summary
+    assert load_selected_pairs(out / "selected_pairs.json")["fr"]["ffn"]["target_layer"] in (0, 1)
+    assert "upper bound" in capsys.readouterr().out
+
+
+def test_cli_transplant_one_pair_with_generation(tiny_folder, tmp_path, capsys):
+    from lenssteer.cli import main
+
+    out = tmp_path / "one.json"
+    argv = ["transplant", "--model", tiny_folder, "--granularity", "attn", "--source", "-1"]
+    argv += ["--target", "0", "--limit", "3", "--generate", "2", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["source_layer"] == N_LAYERS - 1 and result["n_items"] == 3
+    assert len(result["generations"]) == 3
+    assert "transplant accuracy" in capsys.readouterr().out
+    assert main(["transplant", "--model", tiny_folder, "--source", "9", "--target", "0"]) == 2
+    assert "out of range" in capsys.readouterr().err
