@@ -95,10 +95,25 @@ class EncodedRequest:
     continuation_bytes: int = 1
 
 
+def _continuation_tokens(tokenizer, context: str, continuation: str) -> list[int]:
+    """The continuation's tokens as they follow the context: split from the joint encoding.
+
+    When the boundary merges (the context's last token changes), the continuation is encoded
+    alone. The same rule as :mod:`lenssteer.transplant`, so every system scores the same tokens.
+    """
+    if not continuation:
+        return []
+    joint = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    plain = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if joint[: len(plain)] == plain and len(joint) > len(plain):
+        return list(joint[len(plain) :])
+    return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
 def encode_requests(
     tokenizer, requests: Sequence[ScoringRequest | EncodedRequest]
 ) -> list[EncodedRequest]:
-    """Tokenize context and continuation separately (the continuation's tokens are what is scored).
+    """Token ids of each context and of its continuation (the continuation's tokens are scored).
 
     Already encoded requests pass through unchanged.
     """
@@ -112,7 +127,7 @@ def encode_requests(
         context = tokenizer(request.context, add_special_tokens=request.add_special_tokens)[
             "input_ids"
         ]
-        continuation = tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
+        continuation = _continuation_tokens(tokenizer, request.context, request.continuation)
         if not context:
             raise ValueError(f"request {number}: the context is empty after tokenization")
         if not continuation:
