@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lenssteer import __version__
 from lenssteer.models import BUNDLED_MODELS, DEFAULT_MODEL, ModuleNames
@@ -453,6 +454,129 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# compare
+
+
+def _add_compare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="score base model, Lens adapters, XTransplant and subspace baselines side by side",
+        description="Score every system on identical items with identical settings (tasks: "
+        "mmlu-translated, bible-continuation, bible-retrieval, language-fidelity, or JSON/JSONL "
+        "task files) and write report.md, report.json and one PNG per task: scores with 95%% "
+        "intervals and differences to the base model (paired bootstrap). Flags override the "
+        "config file.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--config", help="TOML config, e.g. recipes/compare_quickstart.toml")
+    parser.add_argument("--model", help="bundled name, HF id or folder")
+    parser.add_argument("--languages", type=_languages, help="comma-separated, central included")
+    parser.add_argument("--central", help="central language (default: en)")
+    parser.add_argument(
+        "--tasks",
+        type=_languages,
+        help="comma-separated task names or .json/.jsonl task files (default: the config's, or "
+        "all four built-in tasks)",
+    )
+    parser.add_argument(
+        "--adapter", action="append", default=[], help="add a Lens system (repeatable)"
+    )
+    parser.add_argument(
+        "--subspace", help="add the remove-specific baseline from this subspace folder"
+    )
+    parser.add_argument(
+        "--transplant",
+        metavar="SOURCE,TARGET",
+        help="add an XTransplant system with this fixed (source, target) layer pair",
+    )
+    parser.add_argument(
+        "--transplant-pairs", help="add an XTransplant system with per-language pairs from a file"
+    )
+    parser.add_argument("--limit", type=_positive_int, help="at most N items per task and language")
+    parser.add_argument("--out", help="report folder (replaced as a whole)")
+    parser.add_argument("--batch-size", type=_positive_int)
+    parser.add_argument("--padding-side", choices=["left", "right"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from lenssteer.compare import (
+        CompareConfig,
+        SystemConfig,
+        TaskConfig,
+        format_summary,
+        load_config,
+        run_comparison,
+    )
+
+    config = load_config(args.config) if args.config else CompareConfig()
+    for key in ("model", "limit", "out", "batch_size", "padding_side", "seed", "threads"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    if args.languages:
+        config.languages = args.languages
+    if args.central:
+        config.central_language = args.central
+    if args.tasks:
+        known = {task.name: task for task in config.tasks}
+        config.tasks = [
+            known.get(name)
+            or (
+                TaskConfig(name=Path(name).stem, file=name)
+                if name.endswith((".json", ".jsonl"))
+                else TaskConfig(name)
+            )
+            for name in args.tasks
+        ]
+    elif not config.tasks:
+        config.tasks = [
+            TaskConfig(name)
+            for name in (
+                "mmlu-translated",
+                "bible-continuation",
+                "bible-retrieval",
+                "language-fidelity",
+            )
+        ]
+    if not config.systems:
+        config.systems = [SystemConfig("base")]
+    for number, adapter in enumerate(args.adapter, 1):
+        name = "lens" if number == 1 else f"lens-{number}"
+        config.systems.append(SystemConfig(name, kind="lens", adapter=adapter))
+    if args.subspace:
+        config.systems.append(
+            SystemConfig("remove-specific", kind="baseline", subspace=args.subspace)
+        )
+    if args.transplant:
+        try:
+            source, target = (int(x) for x in args.transplant.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--transplant wants SOURCE,TARGET layers, got {args.transplant!r}"
+            ) from None
+        config.systems.append(
+            SystemConfig(
+                "xtransplant", kind="xtransplant", source_layer=source, target_layer=target
+            )
+        )
+    if args.transplant_pairs:
+        config.systems.append(
+            SystemConfig(
+                "xtransplant-selected", kind="xtransplant", pairs_file=args.transplant_pairs
+            )
+        )
+    document = run_comparison(
+        config, progress=not args.no_progress, command=" ".join(["lenssteer", *sys.argv[1:]])
+    )
+    print(format_summary(document))
+    print(f"\nreport written to {config.out} (report.md, report.json, one PNG per task)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [
     _add_probe,
@@ -460,6 +584,7 @@ COMMANDS: list[Callable] = [
     _add_transplant_grid,
     _add_train,
     _add_generate,
+    _add_compare,
 ]
 
 

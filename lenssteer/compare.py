@@ -1,0 +1,890 @@
+"""The side-by-side comparison: every system scored on identical items with identical settings.
+
+A *system* is a way of running the one loaded model:
+
+* ``base``: the model as it is;
+* ``lens``: the model with a Lens steering adapter applied (:class:`lenssteer.adapter.SteeringAdapter`,
+  removed again afterwards);
+* ``xtransplant``: XTransplant from the central language (``en -> xx``): for each target-language
+  item, the module output at the aligned central-language prompt's last token (source layer ``s``)
+  replaces the one at the item's own last prompt token (target layer ``t``), on the prefill only
+  (:mod:`lenssteer.transplant`). The pair is fixed, read per language from a
+  ``selected_pairs.json`` of ``lenssteer transplant-grid``, or chosen per language in this run on
+  dev items of ``mmlu-translated`` that are not among the scored ones. Central-language items are
+  scored unpatched (there is nothing to borrow from), and the retrieval task does not apply (the
+  donor would be the very text to retrieve);
+* ``baseline``: a training-free edit from a language subspace (:mod:`lenssteer.baselines`).
+
+One run loads the model once, prepares each task's items once (a deterministic sample, the same
+ids in every language), then for each system in turn scores every task and language with the same
+batch size, padding side, prompts and seeds, and writes the report (:func:`lenssteer.evaluate.
+write_report`). ``run_comparison`` is the plain function; ``lenssteer compare`` is a thin CLI over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lenssteer.evaluate import (
+    Outcomes,
+    ScoringRequest,
+    detect_language,
+    generate_greedy,
+    loglikelihoods,
+    package_versions,
+    write_report,
+)
+from lenssteer.models import DEFAULT_MODEL, find_decoder_layers, model_identity, resolve_layers
+from lenssteer.task_registry import (
+    GenerationTask,
+    MultipleChoiceTask,
+    RetrievalTask,
+    Task,
+    TaskError,
+    get_task,
+)
+
+__all__ = [
+    "SYSTEM_KINDS",
+    "CompareConfig",
+    "CompareConfigError",
+    "SystemConfig",
+    "TaskConfig",
+    "load_config",
+    "run_comparison",
+]
+
+SYSTEM_KINDS = ("base", "lens", "xtransplant", "baseline")
+
+
+class CompareConfigError(ValueError):
+    """A comparison config that cannot run (unknown key, missing setting, bad value)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class SystemConfig:
+    """One system of the comparison (see the module docstring for the kinds)."""
+
+    name: str
+    kind: str = "base"
+    # lens
+    adapter: str | None = None
+    # baseline
+    subspace: str | None = None
+    mode: str = "remove-specific"
+    layers: str | list[int] | None = "top:2"
+    strength: float = 1.0
+    # xtransplant
+    granularity: str = "ffn"
+    source_layer: int | None = None
+    target_layer: int | None = None
+    pairs_file: str | None = None
+    select_on_dev: int | None = None  # dev items per language for choosing the pair in this run
+    select_mode: str = "target-first"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SYSTEM_KINDS:
+            raise CompareConfigError(
+                f"system {self.name!r}: unknown kind {self.kind!r}; choose one of "
+                f"{', '.join(SYSTEM_KINDS)}"
+            )
+        if self.kind == "lens" and not self.adapter:
+            raise CompareConfigError(f"system {self.name!r} (lens) needs 'adapter' (a folder)")
+        if self.kind == "baseline" and not self.subspace:
+            raise CompareConfigError(f"system {self.name!r} (baseline) needs 'subspace' (a folder)")
+        if self.kind == "xtransplant":
+            fixed = self.source_layer is not None and self.target_layer is not None
+            if (self.source_layer is None) != (self.target_layer is None):
+                raise CompareConfigError(
+                    f"system {self.name!r}: give both source_layer and target_layer"
+                )
+            if not (fixed or self.pairs_file or self.select_on_dev):
+                raise CompareConfigError(
+                    f"system {self.name!r} (xtransplant) needs a pair: source_layer + "
+                    "target_layer, pairs_file (selected_pairs.json), or select_on_dev = N"
+                )
+
+
+@dataclass
+class TaskConfig:
+    """A task by built-in name (or ``file`` for a user task) with its item limit and settings."""
+
+    name: str
+    limit: int | None = None
+    file: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompareConfig:
+    """Everything a comparison run depends on; ``load_config`` reads it from TOML.
+
+    Relative paths (adapters, subspaces, task files, ``out``) are relative to the working directory.
+    ``limit`` caps every task's limit (for quick runs).
+    """
+
+    model: str = DEFAULT_MODEL
+    languages: list[str] = field(default_factory=lambda: ["en", "de", "es", "fr", "it"])
+    central_language: str = "en"
+    tasks: list[TaskConfig] = field(default_factory=list)
+    systems: list[SystemConfig] = field(default_factory=list)
+    out: str = "runs/compare"
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    padding_side: str = "left"
+    dtype: str = "float32"
+    reference_system: str = "base"
+    bootstrap_resamples: int = 2000
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.central_language not in self.languages:
+            raise CompareConfigError(
+                f"central language {self.central_language!r} is not among languages "
+                f"{self.languages}"
+            )
+        if len(set(self.languages)) != len(self.languages):
+            raise CompareConfigError(f"a language is listed twice: {self.languages}")
+        if not self.tasks:
+            raise CompareConfigError("no tasks to run")
+        if not self.systems:
+            raise CompareConfigError("no systems to compare")
+        names = [s.name for s in self.systems]
+        if len(set(names)) != len(names):
+            raise CompareConfigError(f"system names must be unique, got {names}")
+        if self.reference_system not in names:
+            raise CompareConfigError(
+                f"reference system {self.reference_system!r} is not among the systems {names}"
+            )
+        if self.padding_side not in ("left", "right"):
+            raise CompareConfigError(
+                f"padding_side must be left or right, not {self.padding_side!r}"
+            )
+        if self.batch_size < 1:
+            raise CompareConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        for task in self.tasks:
+            if task.limit is not None and task.limit < 1:
+                raise CompareConfigError(f"task {task.name!r}: limit must be >= 1")
+
+
+def _only_known(data: Mapping[str, Any], cls: type, where: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CompareConfigError(
+            f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}"
+        )
+    return dict(data)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "config") -> CompareConfig:
+    """Build a :class:`CompareConfig` from the TOML layout (``[tasks.NAME]``, ``[systems.NAME]``)."""
+    data = dict(data)
+    tasks = []
+    for name, settings in dict(data.pop("tasks", {})).items():
+        settings = dict(settings or {})
+        limit = settings.pop("limit", None)
+        file = settings.pop("file", None)
+        tasks.append(TaskConfig(name=name, limit=limit, file=file, settings=settings))
+    systems = []
+    for name, settings in dict(data.pop("systems", {})).items():
+        settings = _only_known(settings or {}, SystemConfig, f"{source}: [systems.{name}]")
+        systems.append(SystemConfig(name=name, **settings))
+    top = _only_known(data, CompareConfig, source)
+    config = CompareConfig(**top, tasks=tasks, systems=systems)
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path) -> CompareConfig:
+    """Read a comparison config from a TOML file (see ``recipes/compare_quickstart.toml``)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CompareConfigError(f"cannot read config {path}: {error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise CompareConfigError(f"{path}: invalid TOML ({error})") from error
+    return config_from_dict(data, str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorers: how one system answers the three kinds of question
+
+
+class ModelScorer:
+    """Scores with the (possibly steered) model directly; ``steer(language)`` wraps each call."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: CompareConfig, progress: bool) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.progress = progress
+
+    def steer(self, language: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def supports(self, language: str) -> bool:
+        return True
+
+    def score_options(
+        self,
+        contexts: Sequence[str],
+        options: Sequence[Sequence[str]],
+        donors: Sequence[str] | None,
+        add_special_tokens: bool,
+        language: str,
+        description: str,
+    ) -> list[list[float]]:
+        """Summed option log-likelihoods, ``[item][option]``."""
+        requests = [
+            ScoringRequest(context, option, add_special_tokens)
+            for context, item_options in zip(contexts, options, strict=True)
+            for option in item_options
+        ]
+        with self.steer(language):
+            flat = loglikelihoods(
+                self.model,
+                self.tokenizer,
+                requests,
+                self.config.batch_size,
+                self.config.padding_side,  # type: ignore[arg-type]
+                self.progress,
+                description,
+            )
+        scores, start = [], 0
+        for item_options in options:
+            scores.append([s for s, _ in flat[start : start + len(item_options)]])
+            start += len(item_options)
+        return scores
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        donors: Sequence[str] | None,
+        add_special_tokens: bool,
+        language: str,
+        max_new_tokens: int,
+        description: str,
+    ) -> list[str]:
+        with self.steer(language):
+            return generate_greedy(
+                self.model,
+                self.tokenizer,
+                prompts,
+                max_new_tokens,
+                self.config.batch_size,
+                add_special_tokens,
+                self.progress,
+                description,
+            )
+
+    def pooled_states(
+        self,
+        texts: Sequence[str],
+        language: str,
+        layer: int,
+        pooling: str,
+        chat_template: bool,
+        description: str,
+    ) -> torch.Tensor | None:
+        """``(n, hidden)`` states at absolute ``layer``; never cached (the model may be steered)."""
+        from lenssteer.extract import extract_states
+
+        with self.steer(language):
+            states = extract_states(
+                self.model,
+                self.tokenizer,
+                texts,
+                [layer],
+                pooling=pooling,  # type: ignore[arg-type]
+                chat_template=chat_template,
+                batch_size=self.config.batch_size,
+                cache_dir=False,
+                progress=self.progress,
+                description=description,
+            )
+        return states[:, 0]
+
+
+class BaselineScorer(ModelScorer):
+    """A subspace baseline: its hooks are on only while this system scores."""
+
+    def __init__(self, baseline, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.baseline = baseline
+
+    def supports(self, language: str) -> bool:
+        allowed = self.baseline.languages()
+        return allowed is None or language in allowed
+
+    def steer(self, language: str) -> contextlib.AbstractContextManager:
+        return self.baseline.steer(self.model, language)
+
+
+class TransplantScorer(ModelScorer):
+    """XTransplant from the aligned central-language prompt, one (source, target) pair per language."""
+
+    def __init__(self, pairs: Mapping[str, tuple[int, int]], granularity: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pairs = dict(pairs)
+        self.granularity = granularity
+
+    def supports(self, language: str) -> bool:
+        return language == self.config.central_language or language in self.pairs
+
+    def score_options(self, contexts, options, donors, add_special_tokens, language, description):
+        if donors is None or language == self.config.central_language:
+            return super().score_options(
+                contexts, options, None, add_special_tokens, language, description
+            )
+        from lenssteer.transplant import transplant_loglikelihoods
+
+        source, target = self.pairs[language]
+        scores = transplant_loglikelihoods(
+            self.model,
+            self.tokenizer,
+            list(donors),
+            list(contexts),
+            [list(o) for o in options],
+            source,
+            target,
+            self.granularity,
+            batch_size=self.config.batch_size,
+            add_special_tokens=add_special_tokens,
+            progress=self.progress,
+        )
+        return [scores[i, : len(o)].tolist() for i, o in enumerate(options)]
+
+    def generate(self, prompts, donors, add_special_tokens, language, max_new_tokens, description):
+        if donors is None or language == self.config.central_language:
+            return super().generate(
+                prompts, None, add_special_tokens, language, max_new_tokens, description
+            )
+        from lenssteer.transplant import transplant_generate
+
+        source, target = self.pairs[language]
+        answers = transplant_generate(
+            self.model,
+            self.tokenizer,
+            list(donors),
+            list(prompts),
+            source,
+            target,
+            self.granularity,
+            max_new_tokens=max_new_tokens,
+            batch_size=self.config.batch_size,
+            add_special_tokens=add_special_tokens,
+            progress=self.progress,
+        )
+        return [answer.strip() for answer in answers]
+
+    def pooled_states(self, *args, **kwargs) -> None:
+        return None  # the donor is the aligned text itself: retrieval would be circular
+
+
+# --------------------------------------------------------------------------------------------------
+# Systems
+
+
+@dataclass
+class _PreparedSystem:
+    config: SystemConfig
+    description: dict[str, Any]
+    adapter: Any = None
+    baseline: Any = None
+    pairs: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _prepare_system(system: SystemConfig) -> _PreparedSystem:
+    """Load what a system needs from disk (before the model is loaded: bad paths fail fast)."""
+    description: dict[str, Any] = {"kind": system.kind}
+    if system.kind == "lens":
+        from lenssteer.adapter import SteeringAdapter
+
+        adapter = SteeringAdapter.from_pretrained(system.adapter)  # type: ignore[arg-type]
+        description.update(
+            adapter=system.adapter,
+            adapter_kind=adapter.kind,
+            trained_layers=adapter.config.trained_layers,
+            adapter_languages=adapter.config.languages,
+            weights_sha256=adapter.config.weights_sha256,
+        )
+        return _PreparedSystem(system, description, adapter=adapter)
+    if system.kind == "baseline":
+        from lenssteer.baselines import SubspaceBaseline
+
+        baseline = SubspaceBaseline.from_folder(
+            system.subspace,  # type: ignore[arg-type]
+            system.mode,  # type: ignore[arg-type]
+            system.layers,
+            system.strength,
+        )
+        description.update(baseline.describe())
+        return _PreparedSystem(system, description, baseline=baseline)
+    if system.kind == "xtransplant":
+        description.update(granularity=system.granularity, direction="central -> target")
+        prepared = _PreparedSystem(system, description)
+        if system.pairs_file:
+            from lenssteer.transplant import load_selected_pairs
+
+            data = load_selected_pairs(system.pairs_file)
+            for language, value in data.items():
+                if isinstance(value, dict) and system.granularity in value:
+                    chosen = value[system.granularity]
+                    prepared.pairs[language] = (
+                        int(chosen["source_layer"]),
+                        int(chosen["target_layer"]),
+                    )
+            description["pairs_file"] = system.pairs_file
+        return prepared
+    return _PreparedSystem(system, description)
+
+
+def _resolve_pairs(
+    prepared: _PreparedSystem,
+    model: nn.Module,
+    tokenizer,
+    config: CompareConfig,
+    exclude_ids: set[str],
+    progress: bool,
+) -> None:
+    """Fill in each target language's (source, target) pair: file, dev selection, or fixed pair."""
+    system = prepared.config
+    n_layers = len(find_decoder_layers(model))
+    targets = [lang for lang in config.languages if lang != config.central_language]
+    if system.select_on_dev:
+        prepared.pairs.update(
+            _select_pairs_on_dev(
+                model, tokenizer, config, system, targets, exclude_ids, n_layers, progress
+            )
+        )
+        prepared.description["selection"] = {
+            "task": "mmlu-translated",
+            "dev_items_per_language": system.select_on_dev,
+            "mode": system.select_mode,
+            "disjoint_from_scored_items": True,
+        }
+    if system.source_layer is not None and system.target_layer is not None:
+        fixed = tuple(
+            resolve_layers([s], n_layers)[0] for s in (system.source_layer, system.target_layer)
+        )
+        for language in targets:
+            prepared.pairs.setdefault(language, fixed)  # type: ignore[arg-type]
+    prepared.description["pairs"] = {lang: list(pair) for lang, pair in prepared.pairs.items()}
+
+
+def _select_pairs_on_dev(
+    model, tokenizer, config, system, targets, exclude_ids, n_layers, progress
+) -> dict[str, tuple[int, int]]:
+    """Best pair per language on ``mmlu-translated`` dev items that are not scored in this run."""
+    from lenssteer.task_registry import deterministic_sample
+    from lenssteer.transplant import (
+        grid_pairs,
+        record_donor_activations,
+        select_pair,
+        transplant_grid,
+    )
+
+    task = get_task("mmlu-translated")
+    available = [lang for lang in targets if lang in task.languages]
+    if not available:
+        return {}
+    items = task.items([config.central_language, *available])
+    common = [i.id for i in items[config.central_language] if i.id not in exclude_ids]
+    dev_ids = deterministic_sample(common, system.select_on_dev, "xtransplant-dev", config.seed)
+    central = [i for i in items[config.central_language] if i.id in dev_ids]
+    donors = [task.requests(tokenizer, item, "letter")[1] for item in central]
+    activations = record_donor_activations(
+        model, tokenizer, donors, None, [system.granularity], config.batch_size, progress=progress
+    )
+    pairs = grid_pairs(system.select_mode, n_layers)
+    chosen: dict[str, tuple[int, int]] = {}
+    for language in available:
+        rows = [i for i in items[language] if i.id in dev_ids]
+        prompts, options = [], []
+        for item in rows:
+            requests, context = task.requests(tokenizer, item, "letter")
+            prompts.append(context)
+            options.append([r.continuation for r in requests])
+        grid = transplant_grid(
+            model, tokenizer, prompts, options, activations, pairs, control=False, progress=progress
+        )[system.granularity]
+        answers = torch.tensor([item.answer for item in rows])
+        correct = grid.transplant.argmax(-1) == answers.unsqueeze(1)
+        chosen[language] = tuple(grid.pairs[select_pair(correct, grid.pairs)])  # type: ignore[assignment]
+    return chosen
+
+
+@contextlib.contextmanager
+def _activate(
+    prepared: _PreparedSystem, model: nn.Module, tokenizer, config: CompareConfig, progress: bool
+) -> Iterator[ModelScorer]:
+    kind = prepared.config.kind
+    if kind == "lens":
+        applied = prepared.adapter.apply(model)
+        try:
+            yield ModelScorer(model, tokenizer, config, progress)
+        finally:
+            applied.remove()
+    elif kind == "baseline":
+        yield BaselineScorer(prepared.baseline, model, tokenizer, config, progress)
+    elif kind == "xtransplant":
+        yield TransplantScorer(
+            prepared.pairs, prepared.config.granularity, model, tokenizer, config, progress
+        )
+    else:
+        yield ModelScorer(model, tokenizer, config, progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def _build_task(task_config: TaskConfig) -> Task:
+    if task_config.file:
+        return get_task(task_config.file, name=task_config.name, **task_config.settings)
+    try:
+        return get_task(task_config.name, **task_config.settings)
+    except TaskError as error:
+        raise TaskError(f"{error} (in the config's [tasks.{task_config.name}])") from None
+
+
+def _limit(task_config: TaskConfig, config: CompareConfig) -> int | None:
+    limits = [x for x in (task_config.limit, config.limit) if x is not None]
+    return min(limits) if limits else None
+
+
+def _task_languages(task: Task, config: CompareConfig) -> list[str]:
+    """The run's languages for this task; every one must be available (else a clear error)."""
+    task.check_languages(config.languages, getattr(task, "source", None) or None)
+    return list(config.languages)
+
+
+def _prepare_task_data(task: Task, config: CompareConfig, limit: int | None) -> Any:
+    languages = _task_languages(task, config)
+    if isinstance(task, MultipleChoiceTask):
+        items = task.items(languages, limit, config.seed)
+        for language, rows in items.items():
+            if not rows:
+                raise TaskError(f"task {task.name!r} has no items in language {language!r}")
+        return items
+    if isinstance(task, RetrievalTask):
+        targets = [lang for lang in languages if lang != config.central_language]
+        return task.texts(targets, config.central_language, limit, config.seed)
+    if isinstance(task, GenerationTask):
+        return task.prompts(languages, limit, config.seed)
+    raise TaskError(f"task {task.name!r} has an unknown kind {task.kind!r}")
+
+
+def _use_template(tokenizer, wanted: bool | None) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    return has if wanted is None else wanted
+
+
+def _evaluate_multiple_choice(task, items, scorer, system, tokenizer, config) -> list[Outcomes]:
+    central = config.central_language
+    outcomes = []
+    for scoring in task.scorings:
+        per_byte_metric, sum_metric = task.metric_names(scoring)
+        donors_by_id = {
+            item.id: task.requests(tokenizer, item, scoring)[1] for item in items.get(central, [])
+        }
+        for language, rows in items.items():
+            if not scorer.supports(language):
+                continue
+            contexts, options, special = [], [], False
+            for item in rows:
+                requests, context = task.requests(tokenizer, item, scoring)
+                contexts.append(context)
+                options.append([r.continuation for r in requests])
+                special = requests[0].add_special_tokens
+            donors = None
+            if language != central and all(item.id in donors_by_id for item in rows):
+                donors = [donors_by_id[item.id] for item in rows]
+            sums = scorer.score_options(
+                contexts,
+                options,
+                donors,
+                special,
+                language,
+                f"{system} | {task.name} {scoring} {language}",
+            )
+            ids = [item.id for item in rows]
+            by_sum, by_byte, details = [], [], []
+            for item, item_scores, item_options in zip(rows, sums, options, strict=True):
+                normalised = [
+                    s / max(1, len(o.encode("utf-8")))
+                    for s, o in zip(item_scores, item_options, strict=True)
+                ]
+                pick_sum = max(range(len(item_scores)), key=item_scores.__getitem__)
+                pick_byte = max(range(len(normalised)), key=normalised.__getitem__)
+                by_sum.append(float(pick_sum == item.answer))
+                by_byte.append(float(pick_byte == item.answer))
+                details.append(
+                    {
+                        "answer": item.answer,
+                        "chosen": pick_byte,
+                        "chosen_by_sum": pick_sum,
+                        "loglikelihoods": [round(s, 4) for s in item_scores],
+                    }
+                )
+            outcomes.append(
+                Outcomes(task.name, per_byte_metric, system, language, ids, by_byte, details)
+            )
+            if sum_metric:
+                outcomes.append(Outcomes(task.name, sum_metric, system, language, ids, by_sum))
+    return outcomes
+
+
+def _evaluate_retrieval(task, texts, scorer, system, tokenizer, model, config) -> list[Outcomes]:
+    central = config.central_language
+    layer = resolve_layers([task.layer], len(find_decoder_layers(model)))[0]
+    template = _use_template(tokenizer, task.chat_template)
+    states = {}
+    for language, rows in texts.items():
+        pooled = scorer.pooled_states(
+            [text for _, text in rows],
+            language,
+            layer,
+            task.pooling,
+            template,
+            f"{system} | {task.name} {language}",
+        )
+        if pooled is None:
+            return []
+        states[language] = pooled.double()
+    mean = torch.cat(list(states.values())).mean(dim=0)
+    unit = {k: torch.nn.functional.normalize(v - mean, dim=-1) for k, v in states.items()}
+    ids = [item_id for item_id, _ in texts[central]]
+    outcomes = []
+    for language in texts:
+        if language == central or not scorer.supports(language):
+            continue
+        nearest = (unit[central] @ unit[language].T).argmax(dim=1)
+        hits = (nearest == torch.arange(len(ids))).double().tolist()
+        details = [{"nearest": ids[int(j)]} for j in nearest]
+        outcomes.append(Outcomes(task.name, "top1", system, language, ids, hits, details))
+    return outcomes
+
+
+def _evaluate_generation(task, prompts, scorer, system, tokenizer, config) -> list[Outcomes]:
+    from lenssteer.extract import format_texts
+
+    template = _use_template(tokenizer, None)
+    central = config.central_language
+    formatted = {
+        language: format_texts(tokenizer, [text for _, text in rows], template)
+        for language, rows in prompts.items()
+    }
+    outcomes = []
+    for language, rows in prompts.items():
+        if not scorer.supports(language):
+            continue
+        donors = formatted.get(central) if language != central else None
+        answers = scorer.generate(
+            formatted[language],
+            donors,
+            not template,
+            language,
+            task.max_new_tokens,
+            f"{system} | {task.name} {language}",
+        )
+        detected = [detect_language(answer) for answer in answers]
+        values = [float(found == language) for found in detected]
+        details = [
+            {"detected": found, "answer": answer}
+            for found, answer in zip(detected, answers, strict=True)
+        ]
+        ids = [item_id for item_id, _ in rows]
+        outcomes.append(Outcomes(task.name, "fidelity", system, language, ids, values, details))
+    return outcomes
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def _check_output_folder(out: Path) -> None:
+    if out.exists() and (
+        not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").exists())
+    ):
+        raise CompareConfigError(
+            f"output folder {out} exists and is not a comparison report; choose another --out "
+            "(the report folder is replaced as a whole)"
+        )
+
+
+def run_comparison(
+    config: CompareConfig,
+    progress: bool = True,
+    loaded: tuple[Any, nn.Module] | None = None,
+    command: str | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Score every system on every task and language; write the report to ``config.out``.
+
+    ``loaded`` may pass an already loaded ``(tokenizer, model)``. Returns the report document
+    (:func:`lenssteer.evaluate.write_report`). Bad input fails before any model work: unknown
+    tasks, languages a task lacks, missing adapter/subspace folders, an adapter or subspace made for
+    another model.
+    """
+    from lenssteer.models import load_model
+
+    config.validate()
+    started = time.time()
+    out = Path(config.out)
+    if write:
+        _check_output_folder(out)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tasks = [(_build_task(t), t) for t in config.tasks]
+    for task, _ in tasks:
+        _task_languages(task, config)
+    systems = [_prepare_system(s) for s in config.systems]
+    tokenizer, model = loaded if loaded is not None else load_model(config.model, config.dtype)
+    for prepared in systems:
+        if prepared.adapter is not None:
+            prepared.adapter.check_base_model(model)
+        if prepared.baseline is not None:
+            prepared.baseline.check(model)
+    data = {task.name: _prepare_task_data(task, config, _limit(tc, config)) for task, tc in tasks}
+    scored_mmlu_ids = {
+        item.id
+        for task, _ in tasks
+        if task.name == "mmlu-translated"
+        for item in data[task.name][config.central_language]
+    }
+    for prepared in systems:
+        if prepared.config.kind == "xtransplant":
+            _resolve_pairs(prepared, model, tokenizer, config, scored_mmlu_ids, progress)
+
+    outcomes: list[Outcomes] = []
+    timings: dict[str, float] = {}
+    for prepared in systems:
+        name = prepared.config.name
+        with _activate(prepared, model, tokenizer, config, progress) as scorer:
+            for task, _ in tasks:
+                clock = time.perf_counter()
+                task_data = data[task.name]
+                if isinstance(task, MultipleChoiceTask):
+                    found = _evaluate_multiple_choice(
+                        task, task_data, scorer, name, tokenizer, config
+                    )
+                elif isinstance(task, RetrievalTask):
+                    found = _evaluate_retrieval(
+                        task, task_data, scorer, name, tokenizer, model, config
+                    )
+                else:
+                    found = _evaluate_generation(task, task_data, scorer, name, tokenizer, config)
+                outcomes.extend(found)
+                timings[f"{name} / {task.name}"] = round(time.perf_counter() - clock, 1)
+
+    identity = model_identity(model)
+    metadata = {
+        "model": identity["model"],
+        "revision": identity["revision"],
+        "fingerprint": identity["fingerprint"],
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(model.parameters()).device),
+        "batch_size": config.batch_size,
+        "padding_side": config.padding_side,
+        "seed": config.seed,
+        "bootstrap": f"{config.bootstrap_resamples} resamples, seed {config.seed}",
+        "languages": ", ".join(config.languages),
+        "central_language": config.central_language,
+        "torch_threads": torch.get_num_threads(),
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "seconds": round(time.time() - started, 1),
+        "packages": package_versions(),
+        "systems": {p.config.name: p.description for p in systems},
+        "tasks": {
+            task.name: {**task.describe(), "limit": _limit(tc, config)} for task, tc in tasks
+        },
+        "timings_seconds": timings,
+        "config": asdict(config),
+    }
+    task_notes = {task.name: _task_note(task, systems) for task, _ in tasks}
+    document_kwargs = dict(
+        outcomes=outcomes,
+        metadata=metadata,
+        reference_system=config.reference_system,
+        primary_metrics={task.name: task.primary_metric for task, _ in tasks},
+        task_notes=task_notes,
+        notes=_systems_note(systems),
+        n_resamples=config.bootstrap_resamples,
+        seed=config.seed,
+    )
+    if not write:
+        from lenssteer.evaluate import summarize
+
+        return {"metadata": metadata, "summary": summarize(outcomes, config.reference_system)}
+    return write_report(out, **document_kwargs)
+
+
+def _task_note(task: Task, systems: Sequence[_PreparedSystem]) -> str:
+    note = f"{task.description}. Primary metric: `{task.primary_metric}`."
+    if isinstance(task, RetrievalTask) and any(p.config.kind == "xtransplant" for p in systems):
+        note += " XTransplant does not apply (its donor is the aligned text to retrieve)."
+    return note
+
+
+def _systems_note(systems: Sequence[_PreparedSystem]) -> str:
+    lines = ["Systems:"]
+    for prepared in systems:
+        d = prepared.description
+        if d["kind"] == "lens":
+            text = (
+                f"Lens adapter `{d['adapter']}` ({d['adapter_kind']}, layers {d['trained_layers']})"
+            )
+        elif d["kind"] == "baseline":
+            text = (
+                f"training-free `{d['mode']}` from subspace `{d['subspace']}`, layers {d['layers']}, "
+                f"strength {d['strength']}"
+            )
+        elif d["kind"] == "xtransplant":
+            text = (
+                f"XTransplant central -> target, {d['granularity']}, (source, target) pairs "
+                f"{d.get('pairs', {})}; central-language items unpatched"
+            )
+        else:
+            text = "the model as it is"
+        lines.append(f"- `{prepared.config.name}`: {text}")
+    return "\n".join(lines)
+
+
+def format_summary(document: Mapping[str, Any]) -> str:
+    """A short console summary: each task's primary metric, average over languages, per system."""
+    lines = []
+    for task, metric in document.get("primary_metrics", {}).items():
+        systems = document["summary"][task][metric]
+        parts = []
+        for system, cells in systems.items():
+            cell = cells.get("average") or {}
+            if cell.get("score") is None:
+                continue
+            text = f"{system} {100 * cell['score']:.1f}"
+            if cell.get("diff") is not None:
+                text += f" ({100 * cell['diff']:+.1f} [{100 * cell['diff_low']:+.1f}, {100 * cell['diff_high']:+.1f}])"
+            parts.append(text)
+        lines.append(f"{task} ({metric}, average): " + "; ".join(parts))
+    return "\n".join(lines)

@@ -1,0 +1,356 @@
+"""The side-by-side comparison on tiny models: identical items for every system, report, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_lm_eval_model import make_layers_adapter
+
+from lenssteer.adapter import AdapterError
+from lenssteer.cli import main
+from lenssteer.compare import (
+    CompareConfig,
+    CompareConfigError,
+    SystemConfig,
+    TaskConfig,
+    config_from_dict,
+    load_config,
+    run_comparison,
+)
+from lenssteer.models import model_identity
+from lenssteer.subspace import compute_subspace
+from lenssteer.task_registry import TaskError, TaskLanguageError, get_task, load_task_file
+
+QUESTIONS = {
+    "q1": ("Which number is even?", "Welche Zahl ist gerade?", ["3", "4", "5", "7"], 1),
+    "q2": ("Which is a colour?", "Was ist eine Farbe?", ["blue", "run", "seven", "up"], 0),
+    "q3": ("Which animal barks?", "Welches Tier bellt?", ["cat", "fish", "dog", "bird"], 2),
+    "q4": ("Which is a fruit?", "Was ist eine Frucht?", ["stone", "apple", "chair", "sky"], 1),
+}
+
+
+def write_task_file(path, languages=("en", "de")) -> None:
+    lines = []
+    for item_id, (english, german, choices, answer) in QUESTIONS.items():
+        for language in languages:
+            question = english if language == "en" else german
+            record = {
+                "id": item_id,
+                "language": language,
+                "question": question,
+                "choices": choices,
+                "answer": answer,
+            }
+            lines.append(json.dumps(record, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    states = {
+        lang: torch.randn(10, 2, 32, generator=generator)
+        + 3 * torch.randn(1, 2, 32, generator=generator)
+        for lang in ("en", "de", "fr")
+    }
+    compute_subspace(
+        states,
+        [2, 3],
+        "en",
+        diagnostics=False,
+        metadata={"fingerprint": model_identity(model)["fingerprint"]},
+    ).save(root / "subspace")
+    make_layers_adapter(model, 3).save_pretrained(root / "adapter")
+    other = make_tiny_model("llama", vocab_size=len(tokenizer), seed=5)
+    make_layers_adapter(other, 3).save_pretrained(root / "other-adapter")
+    write_task_file(root / "toy.jsonl")
+    return root, model
+
+
+def _flat(details: list[dict]) -> list[float]:
+    return [value for d in details for value in d["loglikelihoods"]]
+
+
+def full_config(root, out) -> CompareConfig:
+    return CompareConfig(
+        model="tiny",
+        languages=["en", "de"],
+        out=str(out),
+        batch_size=3,
+        bootstrap_resamples=200,
+        tasks=[
+            TaskConfig("toy", file=str(root / "toy.jsonl")),
+            TaskConfig("mmlu-translated", limit=2),
+            TaskConfig("bible-continuation", limit=2),
+            TaskConfig("bible-retrieval", limit=4),
+            TaskConfig("language-fidelity", limit=2, settings={"max_new_tokens": 3}),
+        ],
+        systems=[
+            SystemConfig("base"),
+            SystemConfig("lens", kind="lens", adapter=str(root / "adapter")),
+            SystemConfig("xtransplant", kind="xtransplant", source_layer=2, target_layer=0),
+            SystemConfig(
+                "remove-specific", kind="baseline", subspace=str(root / "subspace"), layers=[3]
+            ),
+            SystemConfig(
+                "shift",
+                kind="baseline",
+                subspace=str(root / "subspace"),
+                mode="language-shift",
+                layers=[3],
+                strength=3.0,
+            ),
+        ],
+    )
+
+
+def test_every_system_on_identical_items(setup, tokenizer, tmp_path):
+    root, model = setup
+    probe = tokenizer(["Hello world"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**probe).logits
+    document = run_comparison(
+        full_config(root, tmp_path / "report"), progress=False, loaded=(tokenizer, model)
+    )
+    files = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert files == sorted(
+        [
+            "report.json",
+            "report.md",
+            "toy.png",
+            "mmlu-translated.png",
+            "bible-continuation.png",
+            "bible-retrieval.png",
+            "language-fidelity.png",
+        ]
+    )
+    outcomes = document["outcomes"]
+    cells: dict[tuple, dict[str, list[str]]] = {}
+    for o in outcomes:
+        cells.setdefault((o["task"], o["metric"], o["language"]), {})[o["system"]] = o["item_ids"]
+    for key, by_system in cells.items():
+        assert len({tuple(ids) for ids in by_system.values()}) == 1, key  # identical items
+        if key[0] != "bible-retrieval":
+            assert set(by_system) == {"base", "lens", "xtransplant", "remove-specific", "shift"}
+    # Retrieval: targets only, and XTransplant does not apply.
+    retrieval = [o for o in outcomes if o["task"] == "bible-retrieval"]
+    assert {o["language"] for o in retrieval} == {"de"}
+    assert "xtransplant" not in {o["system"] for o in retrieval}
+    # XTransplant leaves the central language unpatched: identical to base there.
+    by_key = {(o["task"], o["metric"], o["system"], o["language"]): o for o in outcomes}
+    for task, metric in [("toy", "acc"), ("bible-continuation", "acc")]:
+        base = by_key[(task, metric, "base", "en")]["details"]
+        transplanted = by_key[(task, metric, "xtransplant", "en")]["details"]
+        assert _flat(base) == pytest.approx(_flat(transplanted), abs=1e-3)
+    # The adapter and the baseline change the scores; afterwards the model is the base model again.
+    base_ll = _flat(by_key[("toy", "acc", "base", "de")]["details"])
+    for system in ("lens", "remove-specific", "xtransplant", "shift"):
+        other = _flat(by_key[("toy", "acc", system, "de")]["details"])
+        assert other != pytest.approx(base_ll, abs=1e-4), system
+    with torch.no_grad():
+        assert torch.allclose(model(**probe).logits, before)
+    # Report content: intervals, differences and the run's settings.
+    summary = document["summary"]
+    assert set(summary) == {t.name for t in full_config(root, tmp_path).tasks}
+    assert set(summary["mmlu-translated"]) == {"acc_letter", "acc_text", "acc_text_sum"}
+    lens_avg = summary["toy"]["acc"]["lens"]["average"]
+    assert {"score", "low", "high", "diff", "diff_low", "diff_high"} <= set(lens_avg)
+    meta = document["metadata"]
+    for key in ("model", "revision", "dtype", "batch_size", "padding_side", "seed", "packages"):
+        assert key in meta
+    assert meta["batch_size"] == 3 and meta["padding_side"] == "left"
+    assert meta["packages"]["torch"] == torch.__version__.split("+")[0] or meta["packages"]["torch"]
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "difference to base" in markdown and "![toy](toy.png)" in markdown
+
+
+def test_adapter_for_another_model_is_refused(setup, tokenizer, tmp_path):
+    root, model = setup
+    config = CompareConfig(
+        languages=["en", "de"],
+        out=str(tmp_path / "r"),
+        tasks=[TaskConfig("toy", file=str(root / "toy.jsonl"))],
+        systems=[
+            SystemConfig("base"),
+            SystemConfig("lens", kind="lens", adapter=str(root / "other-adapter")),
+        ],
+    )
+    with pytest.raises(AdapterError, match="fingerprint"):
+        run_comparison(config, progress=False, loaded=(tokenizer, model))
+    assert not (tmp_path / "r").exists()
+
+
+def test_task_file_missing_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    write_task_file(path)
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[1])
+    del record["answer"]
+    lines[1] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TaskError, match=r"bad\.jsonl: line 2: missing field 'answer'"):
+        load_task_file(path)
+
+
+def test_task_file_wrong_answer_index(tmp_path):
+    path = tmp_path / "bad.json"
+    items = [
+        {"id": "a", "language": "en", "question": "Q?", "choices": ["x", "y"], "answer": 0},
+        {
+            "id": "b",
+            "language": "en",
+            "question": "Q?",
+            "choices": ["x", "y", "z", "w"],
+            "answer": 4,
+        },
+    ]
+    path.write_text(json.dumps({"name": "mine", "items": items}))
+    with pytest.raises(
+        TaskError,
+        match=r"bad\.json: item 2: field 'answer': index 4 is out of range for 4 choices \(0-3\)",
+    ):
+        load_task_file(path)
+
+
+def test_language_not_available_in_task(setup, tokenizer, tmp_path):
+    root, model = setup
+    config = CompareConfig(
+        languages=["en", "de", "fr"],
+        out=str(tmp_path / "r"),
+        tasks=[TaskConfig("toy", file=str(root / "toy.jsonl"))],
+        systems=[SystemConfig("base")],
+    )
+    with pytest.raises(
+        TaskLanguageError,
+        match=r"task 'toy' \(.*toy\.jsonl\) has no language 'fr'; available: en, de",
+    ):
+        run_comparison(config, progress=False, loaded=(tokenizer, model))
+    with pytest.raises(TaskLanguageError, match="'mmlu-translated' has no language 'ru'"):
+        get_task("mmlu-translated").items(["en", "ru"])
+
+
+def test_config_file_and_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'model = "m"\nlanguages = ["en", "de"]\nout = "x"\n'
+        "[tasks.mmlu-translated]\nlimit = 5\n"
+        '[tasks.mine]\nfile = "mine.jsonl"\n'
+        '[systems.base]\nkind = "base"\n'
+        '[systems.xt]\nkind = "xtransplant"\nsource_layer = 3\ntarget_layer = 0\n'
+    )
+    config = load_config(path)
+    assert [t.name for t in config.tasks] == ["mmlu-translated", "mine"]
+    assert config.tasks[0].limit == 5 and config.tasks[1].file == "mine.jsonl"
+    assert [s.kind for s in config.systems] == ["base", "xtransplant"]
+    with pytest.raises(CompareConfigError, match=r"unknown key\(s\) \['adaptor'\]"):
+        config_from_dict(
+            {"tasks": {"mmlu-translated": {}}, "systems": {"base": {}, "l": {"adaptor": "x"}}}
+        )
+    with pytest.raises(CompareConfigError, match="needs 'adapter'"):
+        SystemConfig("l", kind="lens")
+    with pytest.raises(CompareConfigError, match="needs a pair"):
+        SystemConfig("x", kind="xtransplant")
+    with pytest.raises(CompareConfigError, match="reference system 'base'"):
+        config_from_dict(
+            {"tasks": {"a": {}}, "systems": {"lens": {"kind": "lens", "adapter": "a"}}}
+        )
+
+
+def test_cli_compare_end_to_end(setup, tokenizer, tmp_path, capsys):
+    root, model = setup
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "report"
+    code = main(
+        [
+            "compare",
+            "--model",
+            str(folder),
+            "--languages",
+            "en,de",
+            "--tasks",
+            str(root / "toy.jsonl"),
+            "--transplant",
+            "1,0",
+            "--limit",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "toy (acc, average): base" in printed and "xtransplant" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert {o["system"] for o in report["outcomes"]} == {"base", "xtransplant"}
+    assert all(len(o["item_ids"]) == 3 for o in report["outcomes"])
+    # Bad input through the CLI: one line on stderr, exit code 2.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"id": "a", "language": "en", "question": "Q", "choices": ["x"], "answer": 0}\n'
+    )
+    code = main(
+        ["compare", "--model", str(folder), "--tasks", str(bad), "--out", str(tmp_path / "o")]
+    )
+    assert code == 2
+    assert "line 1: field 'choices' needs at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_real_model_comparison(tmp_path):
+    """SmolLM2 on all four task kinds, base vs XTransplant vs the remove-specific baseline."""
+    from lenssteer.models import load_model
+    from lenssteer.probe import probe
+
+    loaded = load_model("smollm2-135m-instruct")
+    probe(
+        "smollm2-135m-instruct",
+        languages=["en", "de", "fr"],
+        layers="top:2",
+        limit=12,
+        out=tmp_path / "subspace",
+        progress=False,
+        loaded=loaded,
+    )
+    config = CompareConfig(
+        model="smollm2-135m-instruct",
+        languages=["en", "de", "fr"],
+        out=str(tmp_path / "report"),
+        bootstrap_resamples=500,
+        tasks=[
+            TaskConfig("mmlu-translated", limit=3),
+            TaskConfig("bible-continuation", limit=3),
+            TaskConfig("bible-retrieval", limit=8),
+            TaskConfig("language-fidelity", limit=2, settings={"max_new_tokens": 12}),
+        ],
+        systems=[
+            SystemConfig("base"),
+            SystemConfig("xtransplant", kind="xtransplant", source_layer=10, target_layer=0),
+            SystemConfig("remove-specific", kind="baseline", subspace=str(tmp_path / "subspace")),
+        ],
+    )
+    document = run_comparison(config, progress=False, loaded=loaded)
+    summary = document["summary"]
+    assert set(summary) == {
+        "mmlu-translated",
+        "bible-continuation",
+        "bible-retrieval",
+        "language-fidelity",
+    }
+    for metrics in summary.values():
+        for systems in metrics.values():
+            for cells in systems.values():
+                for cell in cells.values():
+                    assert 0.0 <= cell["score"] <= 1.0
+                    assert cell["low"] <= cell["score"] <= cell["high"]
+    # SmolLM2 answers an English prompt in English.
+    assert summary["language-fidelity"]["fidelity"]["base"]["en"]["score"] == 1.0
+    assert (tmp_path / "report" / "language-fidelity.png").stat().st_size < 200_000
