@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_model
-from test_lm_eval_model import make_layers_adapter
 
-from lenssteer.adapter import AdapterError
+from lenssteer.adapter import AdapterConfig, AdapterError, SteeringAdapter, base_model_description
 from lenssteer.cli import main
 from lenssteer.compare import (
     CompareConfig,
@@ -30,6 +29,24 @@ QUESTIONS = {
     "q3": ("Which animal barks?", "Welches Tier bellt?", ["cat", "fish", "dog", "bird"], 2),
     "q4": ("Which is a fruit?", "Was ist eine Frucht?", ["stone", "apple", "chair", "sky"], 1),
 }
+
+
+def make_layers_adapter(model, layer: int, scale: float = 1.3) -> SteeringAdapter:
+    """A 'layers' adapter that rescales the weights of one decoder layer (no training needed)."""
+    prefix = f"model.layers.{layer}."
+    weights = {
+        name: param.detach() * scale
+        for name, param in model.named_parameters()
+        if name.startswith(prefix) and param.dim() == 2
+    }
+    config = AdapterConfig(
+        kind="layers",
+        base_model=base_model_description(model),
+        trained_layers=[layer],
+        languages=["en", "de"],
+        central_language="en",
+    )
+    return SteeringAdapter(config, weights)
 
 
 def write_task_file(path, languages=("en", "de")) -> None:
