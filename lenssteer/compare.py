@@ -28,7 +28,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lenssteer.evaluate import (
+    LowerLayerReplay,
     Outcomes,
     ScoringRequest,
     detect_language,
@@ -601,17 +602,28 @@ def _use_template(tokenizer, wanted: bool | None) -> bool:
     return has if wanted is None else wanted
 
 
-def _evaluate_multiple_choice(task, items, scorer, system, tokenizer, config) -> list[Outcomes]:
+@dataclass
+class _Unit:
+    """One slice of work every system runs: a task, a scoring mode, one language (or all, for
+    retrieval). ``run(scorer, system)`` returns the system's outcomes; ``replayable`` says whether
+    top-layer systems may reuse the base pass's lower layers (same inputs in the same order)."""
+
+    task: Task
+    label: str
+    language: str | None
+    run: Any
+    replayable: bool = True
+
+
+def _mc_units(task: MultipleChoiceTask, items, tokenizer, config) -> list[_Unit]:
     central = config.central_language
-    outcomes = []
+    units = []
     for scoring in task.scorings:
         per_byte_metric, sum_metric = task.metric_names(scoring)
         donors_by_id = {
             item.id: task.requests(tokenizer, item, scoring)[1] for item in items.get(central, [])
         }
         for language, rows in items.items():
-            if not scorer.supports(language):
-                continue
             contexts, options, special = [], [], False
             for item in rows:
                 requests, context = task.requests(tokenizer, item, scoring)
@@ -621,73 +633,98 @@ def _evaluate_multiple_choice(task, items, scorer, system, tokenizer, config) ->
             donors = None
             if language != central and all(item.id in donors_by_id for item in rows):
                 donors = [donors_by_id[item.id] for item in rows]
-            sums = scorer.score_options(
-                contexts,
-                options,
-                donors,
-                special,
-                language,
-                f"{system} | {task.name} {scoring} {language}",
-            )
-            ids = [item.id for item in rows]
-            by_sum, by_byte, details = [], [], []
-            for item, item_scores, item_options in zip(rows, sums, options, strict=True):
-                normalised = [
-                    s / max(1, len(o.encode("utf-8")))
-                    for s, o in zip(item_scores, item_options, strict=True)
-                ]
-                pick_sum = max(range(len(item_scores)), key=item_scores.__getitem__)
-                pick_byte = max(range(len(normalised)), key=normalised.__getitem__)
-                by_sum.append(float(pick_sum == item.answer))
-                by_byte.append(float(pick_byte == item.answer))
-                details.append(
-                    {
-                        "answer": item.answer,
-                        "chosen": pick_byte,
-                        "chosen_by_sum": pick_sum,
-                        "loglikelihoods": [round(s, 4) for s in item_scores],
-                    }
+
+            def run(
+                scorer,
+                system,
+                rows=rows,
+                contexts=contexts,
+                options=options,
+                special=special,
+                donors=donors,
+                language=language,
+                scoring=scoring,
+                per_byte_metric=per_byte_metric,
+                sum_metric=sum_metric,
+            ):
+                sums = scorer.score_options(
+                    contexts,
+                    options,
+                    donors,
+                    special,
+                    language,
+                    f"{system} | {task.name} {scoring} {language}",
                 )
-            outcomes.append(
-                Outcomes(task.name, per_byte_metric, system, language, ids, by_byte, details)
-            )
-            if sum_metric:
-                outcomes.append(Outcomes(task.name, sum_metric, system, language, ids, by_sum))
+                return _choices_to_outcomes(
+                    task, rows, options, sums, system, language, per_byte_metric, sum_metric
+                )
+
+            units.append(_Unit(task, f"{scoring} {language}", language, run))
+    return units
+
+
+def _choices_to_outcomes(task, rows, options, sums, system, language, per_byte_metric, sum_metric):
+    ids = [item.id for item in rows]
+    by_sum, by_byte, details = [], [], []
+    for item, item_scores, item_options in zip(rows, sums, options, strict=True):
+        normalised = [
+            s / max(1, len(o.encode("utf-8")))
+            for s, o in zip(item_scores, item_options, strict=True)
+        ]
+        pick_sum = max(range(len(item_scores)), key=item_scores.__getitem__)
+        pick_byte = max(range(len(normalised)), key=normalised.__getitem__)
+        by_sum.append(float(pick_sum == item.answer))
+        by_byte.append(float(pick_byte == item.answer))
+        details.append(
+            {
+                "answer": item.answer,
+                "chosen": pick_byte,
+                "chosen_by_sum": pick_sum,
+                "loglikelihoods": [round(s, 4) for s in item_scores],
+            }
+        )
+    outcomes = [Outcomes(task.name, per_byte_metric, system, language, ids, by_byte, details)]
+    if sum_metric:
+        outcomes.append(Outcomes(task.name, sum_metric, system, language, ids, by_sum))
     return outcomes
 
 
-def _evaluate_retrieval(task, texts, scorer, system, tokenizer, model, config) -> list[Outcomes]:
+def _retrieval_unit(task: RetrievalTask, texts, tokenizer, model, config) -> _Unit:
     central = config.central_language
     layer = resolve_layers([task.layer], len(find_decoder_layers(model)))[0]
     template = _use_template(tokenizer, task.chat_template)
-    states = {}
-    for language, rows in texts.items():
-        pooled = scorer.pooled_states(
-            [text for _, text in rows],
-            language,
-            layer,
-            task.pooling,
-            template,
-            f"{system} | {task.name} {language}",
-        )
-        if pooled is None:
-            return []
-        states[language] = pooled.double()
-    mean = torch.cat(list(states.values())).mean(dim=0)
-    unit = {k: torch.nn.functional.normalize(v - mean, dim=-1) for k, v in states.items()}
-    ids = [item_id for item_id, _ in texts[central]]
-    outcomes = []
-    for language in texts:
-        if language == central or not scorer.supports(language):
-            continue
-        nearest = (unit[central] @ unit[language].T).argmax(dim=1)
-        hits = (nearest == torch.arange(len(ids))).double().tolist()
-        details = [{"nearest": ids[int(j)]} for j in nearest]
-        outcomes.append(Outcomes(task.name, "top1", system, language, ids, hits, details))
-    return outcomes
+
+    def run(scorer, system):
+        states = {}
+        for language, rows in texts.items():
+            pooled = scorer.pooled_states(
+                [text for _, text in rows],
+                language,
+                layer,
+                task.pooling,
+                template,
+                f"{system} | {task.name} {language}",
+            )
+            if pooled is None:
+                return []
+            states[language] = pooled.double()
+        mean = torch.cat(list(states.values())).mean(dim=0)
+        unit = {k: torch.nn.functional.normalize(v - mean, dim=-1) for k, v in states.items()}
+        ids = [item_id for item_id, _ in texts[central]]
+        outcomes = []
+        for language in texts:
+            if language == central or not scorer.supports(language):
+                continue
+            nearest = (unit[central] @ unit[language].T).argmax(dim=1)
+            hits = (nearest == torch.arange(len(ids))).double().tolist()
+            details = [{"nearest": ids[int(j)]} for j in nearest]
+            outcomes.append(Outcomes(task.name, "top1", system, language, ids, hits, details))
+        return outcomes
+
+    return _Unit(task, "all languages", None, run)
 
 
-def _evaluate_generation(task, prompts, scorer, system, tokenizer, config) -> list[Outcomes]:
+def _generation_units(task: GenerationTask, prompts, tokenizer, config) -> list[_Unit]:
     from lenssteer.extract import format_texts
 
     template = _use_template(tokenizer, None)
@@ -696,28 +733,57 @@ def _evaluate_generation(task, prompts, scorer, system, tokenizer, config) -> li
         language: format_texts(tokenizer, [text for _, text in rows], template)
         for language, rows in prompts.items()
     }
-    outcomes = []
+    units = []
     for language, rows in prompts.items():
-        if not scorer.supports(language):
-            continue
         donors = formatted.get(central) if language != central else None
-        answers = scorer.generate(
-            formatted[language],
-            donors,
-            not template,
-            language,
-            task.max_new_tokens,
-            f"{system} | {task.name} {language}",
+
+        def run(scorer, system, language=language, rows=rows, donors=donors):
+            answers = scorer.generate(
+                formatted[language],
+                donors,
+                not template,
+                language,
+                task.max_new_tokens,
+                f"{system} | {task.name} {language}",
+            )
+            detected = [detect_language(answer) for answer in answers]
+            values = [float(found == language) for found in detected]
+            details = [
+                {"detected": found, "answer": answer}
+                for found, answer in zip(detected, answers, strict=True)
+            ]
+            ids = [item_id for item_id, _ in rows]
+            return [Outcomes(task.name, "fidelity", system, language, ids, values, details)]
+
+        units.append(_Unit(task, language, language, run, replayable=False))
+    return units
+
+
+def _units(task: Task, data, tokenizer, model, config) -> list[_Unit]:
+    if isinstance(task, MultipleChoiceTask):
+        return _mc_units(task, data, tokenizer, config)
+    if isinstance(task, RetrievalTask):
+        return [_retrieval_unit(task, data, tokenizer, model, config)]
+    return _generation_units(task, data, tokenizer, config)
+
+
+def _first_changed_layer(prepared: _PreparedSystem, model: nn.Module) -> int | None:
+    """Lowest decoder layer a system changes, when it changes only decoder layers (else None)."""
+    import re
+
+    n_layers = len(find_decoder_layers(model))
+    if prepared.adapter is not None:
+        found = [re.search(r"layers\.(\d+)\.", name) for name in prepared.adapter.weights]
+        if not found or any(m is None for m in found):
+            return None  # weights outside the decoder layers (embeddings, head): no sharing
+        return min(int(m.group(1)) for m in found)  # type: ignore[union-attr]
+    if prepared.baseline is not None:
+        spec = prepared.baseline.layers
+        layers = (
+            prepared.baseline.subspace.layers if spec is None else resolve_layers(spec, n_layers)
         )
-        detected = [detect_language(answer) for answer in answers]
-        values = [float(found == language) for found in detected]
-        details = [
-            {"detected": found, "answer": answer}
-            for found, answer in zip(detected, answers, strict=True)
-        ]
-        ids = [item_id for item_id, _ in rows]
-        outcomes.append(Outcomes(task.name, "fidelity", system, language, ids, values, details))
-    return outcomes
+        return min(layers)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -740,6 +806,7 @@ def run_comparison(
     loaded: tuple[Any, nn.Module] | None = None,
     command: str | None = None,
     write: bool = True,
+    share_lower_layers: bool = True,
 ) -> dict[str, Any]:
     """Score every system on every task and language; write the report to ``config.out``.
 
@@ -747,6 +814,12 @@ def run_comparison(
     (:func:`lenssteer.evaluate.write_report`). Bad input fails before any model work: unknown
     tasks, languages a task lacks, missing adapter/subspace folders, an adapter or subspace made for
     another model.
+
+    Work is done unit by unit (a task, scoring mode and language), every system in turn. Systems
+    that change only top layers (Lens adapters on decoder layers, subspace baselines) reuse the
+    base system's lower-layer outputs for the same inputs (:class:`~lenssteer.evaluate.
+    LowerLayerReplay`; exact, ``share_lower_layers=False`` computes everything), and XTransplant's
+    central-language rows, which are unpatched by definition, are the base system's.
     """
     from lenssteer.models import load_model
 
@@ -778,27 +851,48 @@ def run_comparison(
         if prepared.config.kind == "xtransplant":
             _resolve_pairs(prepared, model, tokenizer, config, scored_mmlu_ids, progress)
 
+    base = next((p for p in systems if p.config.kind == "base"), None)
+    order = [base, *[p for p in systems if p is not base]] if base else list(systems)
+    first_changed = {p.config.name: _first_changed_layer(p, model) for p in systems}
+    shared = [k for k in first_changed.values() if k is not None and k > 0]
+    boundary = min(shared) if (share_lower_layers and base and shared) else None
+
     outcomes: list[Outcomes] = []
     timings: dict[str, float] = {}
-    for prepared in systems:
-        name = prepared.config.name
-        with _activate(prepared, model, tokenizer, config, progress) as scorer:
-            for task, _ in tasks:
+    for task, _ in tasks:
+        for unit in _units(task, data[task.name], tokenizer, model, config):
+            replay = LowerLayerReplay(model, boundary) if boundary and unit.replayable else None
+            base_outcomes: list[Outcomes] = []
+            for prepared in order:
+                name = prepared.config.name
                 clock = time.perf_counter()
-                task_data = data[task.name]
-                if isinstance(task, MultipleChoiceTask):
-                    found = _evaluate_multiple_choice(
-                        task, task_data, scorer, name, tokenizer, config
-                    )
-                elif isinstance(task, RetrievalTask):
-                    found = _evaluate_retrieval(
-                        task, task_data, scorer, name, tokenizer, model, config
-                    )
+                if (
+                    prepared.config.kind == "xtransplant"
+                    and unit.language == config.central_language
+                    and base is not None
+                ):
+                    found = [replace(o, system=name) for o in base_outcomes]
                 else:
-                    found = _evaluate_generation(task, task_data, scorer, name, tokenizer, config)
+                    if prepared is base and replay is not None:
+                        sharing = replay.record()
+                    elif replay is not None and replay.supported and first_changed[name]:
+                        sharing = replay.replay()
+                    else:
+                        sharing = contextlib.nullcontext()
+                    with _activate(prepared, model, tokenizer, config, progress) as scorer:
+                        if unit.language is not None and not scorer.supports(unit.language):
+                            continue
+                        with sharing:
+                            found = unit.run(scorer, name)
+                if prepared is base:
+                    base_outcomes = found
                 outcomes.extend(found)
-                timings[f"{name} / {task.name}"] = round(time.perf_counter() - clock, 1)
+                key = f"{name} / {task.name}"
+                timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - clock, 1)
 
+    system_rank = {p.config.name: i for i, p in enumerate(systems)}
+    language_rank = {lang: i for i, lang in enumerate(config.languages)}
+    outcomes.sort(key=lambda o: (system_rank[o.system], language_rank.get(o.language, 0)))
     identity = model_identity(model)
     metadata = {
         "model": identity["model"],
@@ -813,6 +907,7 @@ def run_comparison(
         "languages": ", ".join(config.languages),
         "central_language": config.central_language,
         "torch_threads": torch.get_num_threads(),
+        "shared_lower_layers": f"below layer {boundary}" if boundary else "no",
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "seconds": round(time.time() - started, 1),
         "packages": package_versions(),
@@ -824,7 +919,16 @@ def run_comparison(
         "config": asdict(config),
     }
     task_notes = {task.name: _task_note(task, systems) for task, _ in tasks}
-    document_kwargs = dict(
+    if not write:
+        from lenssteer.evaluate import summarize
+
+        return {
+            "metadata": metadata,
+            "summary": summarize(outcomes, config.reference_system),
+            "outcomes": [asdict(o) for o in outcomes],
+        }
+    return write_report(
+        out,
         outcomes=outcomes,
         metadata=metadata,
         reference_system=config.reference_system,
@@ -834,11 +938,6 @@ def run_comparison(
         n_resamples=config.bootstrap_resamples,
         seed=config.seed,
     )
-    if not write:
-        from lenssteer.evaluate import summarize
-
-        return {"metadata": metadata, "summary": summarize(outcomes, config.reference_system)}
-    return write_report(out, **document_kwargs)
 
 
 def _task_note(task: Task, systems: Sequence[_PreparedSystem]) -> str:

@@ -35,7 +35,8 @@ import io
 import math
 import platform
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,9 +48,11 @@ from tqdm.auto import tqdm
 
 from lenssteer.hooks import position_ids_from_mask
 from lenssteer.io import atomic_directory, atomic_write_json, atomic_write_text
+from lenssteer.models import ModuleNames, find_decoder_layers
 
 __all__ = [
     "EncodedRequest",
+    "LowerLayerReplay",
     "Outcomes",
     "ScoringRequest",
     "bootstrap_mean_interval",
@@ -234,6 +237,101 @@ def loglikelihoods(
                     results[request_index] = (float(picked.sum()), n)
                 bar.update(len(groups[row]))
     return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharing the unchanged bottom of the network between systems
+
+
+class LowerLayerReplay:
+    """Run the layers below a top-layer edit once, and reuse their output for every such system.
+
+    A Lens adapter on the top 2 layers, or a hook on them, leaves everything below unchanged, so
+    for the same inputs the output of decoder layer ``first_changed_layer - 1`` is the same as the
+    unsteered model's. Inside :meth:`record`, each forward call's output of that layer is stored,
+    in call order; inside :meth:`replay`, the same forward calls (same inputs, same batches, same
+    order) skip layers ``0 .. first_changed_layer - 1`` and take the stored output instead. The
+    result is exact (tests compare against the full computation); a replayed call whose shape does
+    not match the stored one, or a different number of calls, is an error, never a silent reuse.
+    Only layers that return a plain tensor (every transformers 5 decoder) can be replayed;
+    otherwise :attr:`supported` turns False and callers compute in full.
+    """
+
+    def __init__(
+        self, model: nn.Module, first_changed_layer: int, module_names: ModuleNames | None = None
+    ) -> None:
+        self.layers = find_decoder_layers(model, module_names)
+        if not 0 < first_changed_layer < len(self.layers):
+            raise ValueError(
+                f"first_changed_layer must be in 1..{len(self.layers) - 1}, got {first_changed_layer}"
+            )
+        self.boundary = first_changed_layer - 1
+        self.outputs: list[torch.Tensor] = []
+        self.supported = True
+        self.recorded = False
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Store the boundary layer's output of every forward call in the block."""
+        self.outputs = []
+
+        def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                self.outputs.append(output.detach().clone())
+            else:
+                self.supported = False
+
+        handle = self.layers[self.boundary].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self.recorded = True
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Skip the layers up to the boundary; feed the stored outputs back in call order."""
+        if not (self.recorded and self.supported):
+            raise RuntimeError("nothing to replay: record() a pass of the same inputs first")
+        position = {"next": 0}
+
+        def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+            return args[0] if args else kwargs["hidden_states"]
+
+        def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
+            return hidden_of(args, kwargs)
+
+        def emit(*args: Any, **kwargs: Any) -> torch.Tensor:
+            hidden = hidden_of(args, kwargs)
+            index = position["next"]
+            if index >= len(self.outputs):
+                raise RuntimeError(
+                    f"replay out of step: forward call {index + 1}, but only "
+                    f"{len(self.outputs)} were recorded"
+                )
+            stored = self.outputs[index]
+            if stored.shape != hidden.shape:
+                raise RuntimeError(
+                    f"replay out of step: call {index + 1} has shape {tuple(hidden.shape)}, the "
+                    f"recorded one {tuple(stored.shape)}"
+                )
+            position["next"] = index + 1
+            return stored.to(hidden.device, hidden.dtype)
+
+        patched = list(self.layers[: self.boundary + 1])
+        for layer in patched[:-1]:
+            layer.forward = passthrough
+        patched[-1].forward = emit
+        try:
+            yield
+        finally:
+            for layer in patched:
+                del layer.forward  # the class's own forward again
+        if position["next"] != len(self.outputs):
+            raise RuntimeError(
+                f"replay out of step: {position['next']} forward calls replayed, "
+                f"{len(self.outputs)} recorded"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -237,3 +237,74 @@ def test_write_report_files(tmp_path):
     write_report(out, _outcomes()[:2], metadata={"model": "tiny"})
     assert len(json.loads((out / "report.json").read_text())["outcomes"]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Replaying the unchanged lower layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_replay_equals_full_computation(arch, tokenizer):
+    """A top-layer edit scored on replayed lower layers gives the numbers of a full forward pass."""
+    from lenssteer.evaluate import LowerLayerReplay
+    from lenssteer.extract import extract_states
+    from lenssteer.hooks import hooked
+    from lenssteer.models import find_decoder_layers
+
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    top = find_decoder_layers(model)[3]
+    edit = [(top, lambda _m, hidden: 1.5 * hidden + 0.1)]
+    texts = ["one text", "another, longer text here", "third"]
+
+    def run():
+        scores = loglikelihoods(model, tokenizer, REQUESTS, batch_size=2)
+        states = extract_states(
+            model, tokenizer, texts, [3], batch_size=2, cache_dir=False, progress=False
+        )
+        return scores, states
+
+    with hooked(edit):
+        full_scores, full_states = run()
+    replay = LowerLayerReplay(model, first_changed_layer=3)
+    with replay.record():
+        base_scores, _ = run()
+    calls = {"n": 0}
+    lower = find_decoder_layers(model)[0].mlp
+    handle = lower.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        with hooked(edit), replay.replay():
+            replayed_scores, replayed_states = run()
+    finally:
+        handle.remove()
+    assert calls["n"] == 0  # the lower layers' blocks did not run
+    assert [s for s, _ in replayed_scores] == pytest.approx([s for s, _ in full_scores], abs=1e-4)
+    assert torch.allclose(replayed_states, full_states, atol=1e-5)
+    assert [s for s, _ in base_scores] != pytest.approx([s for s, _ in full_scores], abs=1e-3)
+    # Outside the block the model is whole again.
+    assert [
+        s for s, _ in loglikelihoods(model, tokenizer, REQUESTS, batch_size=2)
+    ] == pytest.approx([s for s, _ in base_scores], abs=1e-5)
+
+
+def test_replay_out_of_step_is_an_error(llama, tokenizer):
+    from lenssteer.evaluate import LowerLayerReplay
+
+    replay = LowerLayerReplay(llama, first_changed_layer=2)
+    with pytest.raises(RuntimeError, match="record"):
+        with replay.replay():
+            pass
+    with replay.record():
+        loglikelihoods(llama, tokenizer, REQUESTS[:2], batch_size=2)
+    with pytest.raises(RuntimeError, match="out of step"):
+        with replay.replay():
+            loglikelihoods(llama, tokenizer, REQUESTS[2:], batch_size=2)
+    with pytest.raises(RuntimeError, match="out of step"):
+        with replay.replay():
+            pass  # fewer calls than recorded
+    assert "forward" not in vars(find_layer(llama, 0))
+
+
+def find_layer(model, index):
+    from lenssteer.models import find_decoder_layers
+
+    return find_decoder_layers(model)[index]
