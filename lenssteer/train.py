@@ -281,6 +281,45 @@ class TrainingData(torch.utils.data.Dataset):
     def central_index(self) -> int:
         return self.languages.index(self.central_language)
 
+    _TENSORS = ("prefix_ids", "prefix_states", "token_ids", "suffix_states", "offsets", "frozen")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tensors (safetensors) and the rest (JSON header) to one file, atomically.
+
+        Reusing it skips the frozen pass, e.g. to sweep hyper-parameters.
+        """
+        from lenssteer.io import atomic_save_tensors
+
+        header = {
+            "languages": self.languages,
+            "central_language": self.central_language,
+            "first_layer": self.first_layer,
+            "loss_layers": self.loss_layers,
+            "pooling": self.pooling,
+            "chat_template": self.chat_template,
+            "data_hash": self.data_hash,
+            "pad_token_id": self.pad_token_id,
+            "metadata": self.metadata,
+        }
+        atomic_save_tensors(
+            {name: getattr(self, name) for name in self._TENSORS},
+            path,
+            metadata={"format": "lenssteer-training-data", "header": json.dumps(header)},
+        )
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingData:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != "lenssteer-training-data":
+                raise TrainingError(f"{path} is not a lenssteer training-data file")
+            tensors = {name: handle.get_tensor(name) for name in cls._TENSORS}
+        return cls(**json.loads(meta["header"]), **tensors)
+
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids ``(S,)`` and first-trained-layer inputs ``(S, H)`` of sequence ``index``."""
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
@@ -514,6 +553,14 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    """The model's floating-point dtype (precomputed inputs are stored in float32)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
 def _decoder_of(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
     """The module that owns the decoder layer list (it builds masks and rotary embeddings)."""
     for module in model.modules():
@@ -564,7 +611,7 @@ def _run_pooled(
                 decoder = _decoder_of(model, decoder_layers)
                 with _lower_layers_skipped(decoder_layers, first_layer):
                     decoder(
-                        inputs_embeds=layer_inputs,
+                        inputs_embeds=layer_inputs.to(_dtype_of(model)),
                         attention_mask=attention_mask,
                         position_ids=positions,
                         use_cache=False,

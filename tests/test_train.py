@@ -613,3 +613,21 @@ def test_real_model_training_moves_heldout_states(tmp_path):
     assert summary["agnostic_gap_shrink"] > 0.2, result["report_markdown"]
     assert summary["retain_mse_rel"] < 0.1, result["report_markdown"]
     assert summary["retrieval_after"] >= summary["retrieval_before"] - 0.1
+
+
+def test_training_data_save_load_round_trip(qwen, tokenizer, tmp_path):
+    from lenssteer.train import TrainingData
+
+    data = prepare_training_data(
+        qwen, tokenizer, tiny_corpus(3), 2, [2, 3], "last", True, batch_size=4, progress=False
+    )
+    loaded = TrainingData.load(data.save(tmp_path / "data.safetensors"))
+    for name in ("prefix_ids", "prefix_states", "token_ids", "suffix_states", "offsets", "frozen"):
+        assert torch.equal(getattr(loaded, name), getattr(data, name)), name
+    assert (loaded.languages, loaded.loss_layers, loaded.data_hash) == (
+        data.languages,
+        data.loss_layers,
+        data.data_hash,
+    )
+    batch, again = data.collate([0, 2]), loaded.collate([0, 2])
+    assert all(torch.equal(batch[k], again[k]) for k in batch)
