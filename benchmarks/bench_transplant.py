@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -23,6 +25,82 @@ from lenssteer.transplant import (
     transplant_grid,
     transplant_loglikelihoods,
 )
+
+
+def measure_pairs(
+    model,
+    tokenizer,
+    task: str = "mmlu-translated",
+    donor_lang: str = "en",
+    recipient_lang: str = "de",
+    items: int = 6,
+    slow_pairs: int = 3,
+    mode: str = "target-first",
+    granularity: str = "ffn",
+    seed: int = 0,
+    log: Callable[[str], object] | None = None,
+) -> dict[str, Any]:
+    """Per-pair seconds of both ways, alternating item by item; medians and the speed-up.
+
+    Per item: ``slow_pairs`` random pairs from scratch (donor pass + full recipient pass each),
+    then the item's whole grid by the fast path (its time divided by the number of pairs).
+    """
+    n_layers = num_decoder_layers(model)
+    pairs = grid_pairs(mode, n_layers)
+    donors, recipients = align_items(load_task(task, donor_lang), load_task(task, recipient_lang))
+    donors = sample_items(donors, items, seed)
+    recipients = sample_items(recipients, items, seed)
+    donor_prompts = [format_multiple_choice(tokenizer, item).text for item in donors]
+    formatted = [format_multiple_choice(tokenizer, item) for item in recipients]
+    generator = torch.Generator().manual_seed(seed)
+
+    fast, slow, tokens = [], [], []
+    for i in range(len(recipients)):
+        tokens.append(len(tokenizer(formatted[i].text, add_special_tokens=False)["input_ids"]))
+        # From scratch: a few random pairs of the grid, each a donor pass + a recipient pass.
+        for k in torch.randperm(len(pairs), generator=generator)[:slow_pairs].tolist():
+            started = time.perf_counter()
+            transplant_loglikelihoods(
+                model,
+                tokenizer,
+                donor_prompts[i : i + 1],
+                [formatted[i].text],
+                [formatted[i].continuations],
+                *pairs[k],
+                granularity,
+            )
+            slow.append(time.perf_counter() - started)
+        # Fast: this item's donor (all layers) + prefix + every pair of the grid, per pair.
+        started = time.perf_counter()
+        activations = record_donor_activations(
+            model, tokenizer, donor_prompts[i : i + 1], granularities=[granularity]
+        )
+        transplant_grid(
+            model,
+            tokenizer,
+            [formatted[i].text],
+            [formatted[i].continuations],
+            activations,
+            pairs,
+            control=False,
+        )
+        fast.append((time.perf_counter() - started) / len(pairs))
+        if log is not None:
+            log(
+                f"item {i + 1}/{len(recipients)}: {tokens[-1]} prompt tokens, from scratch "
+                f"{statistics.median(slow[-slow_pairs:]):.3f} s/pair, fast {fast[-1]:.4f} s/pair"
+            )
+    slow_median, fast_median = statistics.median(slow), statistics.median(fast)
+    return {
+        "n_pairs": len(pairs),
+        "items": len(recipients),
+        "median_prompt_tokens": statistics.median(tokens),
+        "slow_s": slow,
+        "fast_s": fast,
+        "slow_median_s": slow_median,
+        "fast_median_s": fast_median,
+        "speedup": slow_median / fast_median,
+    }
 
 
 def main() -> None:
@@ -46,63 +124,28 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     tokenizer, model = load_model(args.model)
-    n_layers = num_decoder_layers(model)
-    pairs = grid_pairs(args.mode, n_layers)
-    donors, recipients = align_items(
-        load_task(args.task, args.donor_lang), load_task(args.task, args.recipient_lang)
+    result = measure_pairs(
+        model,
+        tokenizer,
+        task=args.task,
+        donor_lang=args.donor_lang,
+        recipient_lang=args.recipient_lang,
+        items=args.items,
+        slow_pairs=args.slow_pairs,
+        mode=args.mode,
+        granularity=args.granularity,
+        seed=args.seed,
+        log=lambda message: print(message, flush=True),
     )
-    donors = sample_items(donors, args.items, args.seed)
-    recipients = sample_items(recipients, args.items, args.seed)
-    donor_prompts = [format_multiple_choice(tokenizer, item).text for item in donors]
-    formatted = [format_multiple_choice(tokenizer, item) for item in recipients]
-    generator = torch.Generator().manual_seed(args.seed)
-
-    fast, slow, tokens = [], [], []
-    for i in range(len(recipients)):
-        tokens.append(len(tokenizer(formatted[i].text, add_special_tokens=False)["input_ids"]))
-        # From scratch: a few random pairs of the grid, each a donor pass + a recipient pass.
-        for k in torch.randperm(len(pairs), generator=generator)[: args.slow_pairs].tolist():
-            started = time.perf_counter()
-            transplant_loglikelihoods(
-                model,
-                tokenizer,
-                donor_prompts[i : i + 1],
-                [formatted[i].text],
-                [formatted[i].continuations],
-                *pairs[k],
-                args.granularity,
-            )
-            slow.append(time.perf_counter() - started)
-        # Fast: this item's donor (all layers) + prefix + every pair of the grid, per pair.
-        started = time.perf_counter()
-        activations = record_donor_activations(
-            model, tokenizer, donor_prompts[i : i + 1], granularities=[args.granularity]
-        )
-        transplant_grid(
-            model,
-            tokenizer,
-            [formatted[i].text],
-            [formatted[i].continuations],
-            activations,
-            pairs,
-            control=False,
-        )
-        fast.append((time.perf_counter() - started) / len(pairs))
-        print(
-            f"item {i + 1}/{len(recipients)}: {tokens[-1]} prompt tokens, from scratch "
-            f"{statistics.median(slow[-args.slow_pairs :]):.3f} s/pair, fast {fast[-1]:.4f} s/pair",
-            flush=True,
-        )
-
-    slow_median, fast_median = statistics.median(slow), statistics.median(fast)
     print(
         f"\n{args.model}, {args.donor_lang}->{args.recipient_lang}, {args.granularity}, "
-        f"{args.mode} grid ({len(pairs)} pairs), {len(recipients)} items, median prompt "
-        f"{statistics.median(tokens)} tokens, torch threads {torch.get_num_threads()}\n"
-        f"per pair, from scratch: {slow_median:.3f} s (median of {len(slow)})\n"
-        f"per pair, fast grid:    {fast_median:.4f} s (median of {len(fast)}; donor and prefix "
-        "amortised over the grid)\n"
-        f"speed-up: {slow_median / fast_median:.1f}x"
+        f"{args.mode} grid ({result['n_pairs']} pairs), {result['items']} items, median prompt "
+        f"{result['median_prompt_tokens']} tokens, torch threads {torch.get_num_threads()}\n"
+        f"per pair, from scratch: {result['slow_median_s']:.3f} s (median of "
+        f"{len(result['slow_s'])})\n"
+        f"per pair, fast grid:    {result['fast_median_s']:.4f} s (median of "
+        f"{len(result['fast_s'])}; donor and prefix amortised over the grid)\n"
+        f"speed-up: {result['speedup']:.1f}x"
     )
 
 

@@ -1,0 +1,203 @@
+"""Smoke tests of the benchmark functions on a tiny model: they run and return well-formed rows.
+
+No timing is asserted (times on a shared machine say nothing about correctness); we check the shape
+of what each benchmark reports and that the report is written.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_model
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_common  # noqa: E402
+from bench_common import Row  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer) -> str:
+    """A tiny Qwen2-shaped model saved with a real tokenizer, loadable by ``load_model``."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    model = make_tiny_model("qwen2", vocab_size=len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_folder):
+    from lenssteer.models import load_model
+
+    return load_model(tiny_folder)
+
+
+def check_rows(rows: list[Row], section: str, count: int | None = None) -> None:
+    assert rows, "no rows"
+    if count is not None:
+        assert len(rows) == count
+    for row in rows:
+        assert isinstance(row, Row)
+        assert row.section.startswith(section)
+        assert row.name and row.baseline and row.ours and row.target
+        assert row.met in (True, False, None)
+        if row.ratio is not None:
+            assert math.isfinite(row.ratio) and row.ratio > 0
+        if row.met is not None:
+            assert row.ratio is not None or "memory" in row.name
+
+
+def test_alternate_rotates_order_and_drops_warmup():
+    calls: list[str] = []
+    ways = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = bench_common.alternate(ways, rounds=3, warmup=1)
+    assert calls == list("abcbcacababc")
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for values in times.values() for t in values)
+
+
+def test_alternate_uses_the_seconds_a_way_returns():
+    times = bench_common.alternate({"x": lambda: 1.5}, rounds=2, warmup=0)
+    assert times == {"x": [1.5, 1.5]}
+
+
+def test_memory_window_reports_growth():
+    import torch
+
+    with bench_common.memory_window() as window:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        block += 1
+    assert window.growth_mb >= 0
+    if window.reset:
+        assert window.growth_mb > 32
+
+
+def test_machine_info_and_versions():
+    info, versions = bench_common.machine_info(), bench_common.versions()
+    assert info["cores"] >= 1 and len(info["load_average"]) == 3
+    assert {"python", "torch", "transformers", "peft"} <= set(versions)
+
+
+def test_extract_throughput_rows(loaded):
+    import bench_extract
+
+    tokenizer, model = loaded
+    rows = bench_extract.throughput(model, tokenizer, n_texts=3, batch_size=2, rounds=1)
+    check_rows(rows, "1.", count=2)
+    assert rows[0].details["tokens"] > 0
+
+
+def test_extract_memory_in_subprocesses(tiny_folder):
+    import bench_extract
+
+    rows = bench_extract.memory(
+        tiny_folder, batch_size=2, variants=("forward", "hidden_states", "extract:1")
+    )
+    check_rows(rows, "1.", count=1)
+    variants = rows[0].details["variants"]
+    assert set(variants) == {"forward", "hidden_states", "extract:1"}
+    # what each hands back: all layers' states + logits vs one pooled vector per text
+    assert variants["hidden_states"]["returned_mb"] > variants["extract:1"]["returned_mb"]
+
+
+def test_machine_limit_rows(loaded):
+    import bench_machine
+
+    tokenizer, model = loaded
+    rows = bench_machine.machine_limit(
+        model, tokenizer, sizes=(64,), shapes=((1, 8), (2, 8)), rounds=1
+    )
+    check_rows(rows, "5.", count=3)
+    assert rows[0].ratio is None and rows[2].met is not None
+    assert bench_machine.flop_parameters(model) < sum(p.numel() for p in model.parameters())
+
+
+def test_inference_rows(loaded):
+    import bench_inference
+
+    tokenizer, model = loaded
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = bench_inference.steered_inference(
+        model, tokenizer, rounds=1, decode_tokens=2, generate_tokens=2
+    )
+    check_rows(rows, "4.", count=4)
+    assert len(rows[0].details["latency_s"]["lora"]) == 1
+    # the base model is left as it was: the LoRA is removed, the merge went into a copy
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    assert all((after[n] == before[n]).all() for n in before)
+
+
+def test_random_lora_adapter_changes_the_output(loaded):
+    import bench_inference
+    import torch
+
+    tokenizer, model = loaded
+    adapter = bench_inference.random_lora_adapter(model)
+    assert any(
+        "lora_B" in name and tensor.abs().sum() > 0 for name, tensor in adapter.weights.items()
+    )
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        with adapter.apply(model) as steered:
+            changed = steered(input_ids=ids).logits
+    assert not torch.allclose(base, changed)
+
+
+def test_transplant_rows(loaded):
+    import bench_transplant
+
+    tokenizer, model = loaded
+    result = bench_transplant.measure_pairs(model, tokenizer, items=1, slow_pairs=1)
+    assert result["n_pairs"] == 4  # target-first grid of a 4-layer model
+    assert len(result["slow_s"]) == 1 and len(result["fast_s"]) == 1
+    assert result["speedup"] > 0
+
+
+def test_scaling_rows(loaded):
+    import bench_scaling
+
+    tokenizer, model = loaded
+    rows, table = bench_scaling.scaling(model, tokenizer, points=[(1, 2), (2, 2)])
+    check_rows(rows, "6.", count=3)  # extraction, precompute, training epoch
+    assert [(e["items"], e["languages"]) for e in table] == [(1, 2), (2, 2)]
+    assert table[1]["extract_bytes"] == 2 * table[0]["extract_bytes"]
+
+
+def test_run_writes_a_report(tiny_folder, tmp_path):
+    import run
+
+    output, raw = tmp_path / "RESULTS.md", tmp_path / "results.json"
+    code = run.main(
+        [
+            "--quick",
+            "--model",
+            tiny_folder,
+            "--sections",
+            "extract,train,machine",
+            "--output",
+            str(output),
+            "--json",
+            str(raw),
+        ]
+    )
+    assert code == 0
+    text = output.read_text()
+    assert "| # | comparison |" in text and "Load average" in text
+    for section in ("1 |", "2 |", "5 |"):
+        assert section in text
+    assert "torch" in text and "transformers" in text and "peft" in text
+    assert raw.is_file()
+
+
+def test_run_rejects_unknown_sections():
+    import run
+
+    with pytest.raises(SystemExit):
+        run.main(["--sections", "extract,nope"])
