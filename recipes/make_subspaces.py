@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lenssteer.io import atomic_write_text
 from lenssteer.probe import format_diagnostics, probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +35,11 @@ def main() -> None:
             out=out,
             seed=0,
         )
-        (out / "DIAGNOSTICS.md").write_text(
+        atomic_write_text(
+            out / "DIAGNOSTICS.md",
             f"# {model}: language subspaces (all layers)\n\nMade by `python recipes/make_subspaces.py "
             f"--models {model} --limit {args.limit}`. Text: {subspace.metadata['corpus']} "
-            "(public domain).\n\n" + format_diagnostics(subspace) + "\n"
+            "(public domain).\n\n" + format_diagnostics(subspace) + "\n",
         )
         print(f"{model}: written to {out}")
 
