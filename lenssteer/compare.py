@@ -43,6 +43,7 @@ from lenssteer.evaluate import (
     generate_greedy,
     loglikelihoods,
     package_versions,
+    strip_copied,
     write_report,
 )
 from lenssteer.models import DEFAULT_MODEL, find_decoder_layers, model_identity, resolve_layers
@@ -746,14 +747,43 @@ def _generation_units(task: GenerationTask, prompts, tokenizer, config) -> list[
                 task.max_new_tokens,
                 f"{system} | {task.name} {language}",
             )
-            detected = [detect_language(answer) for answer in answers]
-            values = [float(found == language) for found in detected]
-            details = [
-                {"detected": found, "answer": answer}
-                for found, answer in zip(detected, answers, strict=True)
-            ]
             ids = [item_id for item_id, _ in rows]
-            return [Outcomes(task.name, "fidelity", system, language, ids, values, details)]
+            judged = [
+                strip_copied(answer, message)
+                for answer, (_, message) in zip(answers, rows, strict=True)
+            ]
+            detected = [detect_language(text) for text in judged]
+            detected_raw = [detect_language(answer) for answer in answers]
+            details = [
+                {
+                    "answer": answer,
+                    "detected": found,
+                    "detected_whole_answer": found_raw,
+                    "copied_from_prompt": text != " ".join(answer.split()),
+                }
+                for answer, text, found, found_raw in zip(
+                    answers, judged, detected, detected_raw, strict=True
+                )
+            ]
+            return [
+                Outcomes(
+                    task.name,
+                    "fidelity",
+                    system,
+                    language,
+                    ids,
+                    [float(found == language) for found in detected],
+                    details,
+                ),
+                Outcomes(
+                    task.name,
+                    "fidelity_whole_answer",
+                    system,
+                    language,
+                    ids,
+                    [float(found == language) for found in detected_raw],
+                ),
+            ]
 
         units.append(_Unit(task, language, language, run, replayable=False))
     return units
@@ -892,7 +922,10 @@ def run_comparison(
 
     system_rank = {p.config.name: i for i, p in enumerate(systems)}
     language_rank = {lang: i for i, lang in enumerate(config.languages)}
-    outcomes.sort(key=lambda o: (system_rank[o.system], language_rank.get(o.language, 0)))
+    task_rank = {task.name: i for i, (task, _) in enumerate(tasks)}
+    outcomes.sort(
+        key=lambda o: (task_rank[o.task], system_rank[o.system], language_rank.get(o.language, 0))
+    )
     identity = model_identity(model)
     metadata = {
         "model": identity["model"],

@@ -63,6 +63,7 @@ __all__ = [
     "package_versions",
     "paired_bootstrap_difference",
     "stratified_bootstrap_mean",
+    "strip_copied",
     "summarize",
     "wilson_interval",
     "write_report",
@@ -397,9 +398,28 @@ def generate_greedy(
     return answers
 
 
+def strip_copied(answer: str, source: str, min_chars: int = 12) -> str:
+    """``answer`` without the passages it copies from ``source`` (the prompt's text).
+
+    Removes the whole source and each of its clauses (split at sentence and clause punctuation)
+    of at least ``min_chars`` characters wherever they appear verbatim, so that a model that only
+    repeats the prompt is not credited with answering in its language.
+    """
+    import re
+
+    pieces = [source, *re.split(r"[.;:!?,\u060c\u061b\u06d4\u3002]+\s*", source)]
+    for piece in sorted({p.strip() for p in pieces}, key=len, reverse=True):
+        if len(piece) >= min_chars:
+            answer = answer.replace(piece, " ")
+    return " ".join(answer.split())
+
+
 def detect_language(text: str) -> str | None:
-    """ISO 639-1 code that ``py3langid`` (offline, model inside the wheel) assigns; None if empty."""
-    if not text or not text.strip():
+    """ISO 639-1 code that ``py3langid`` (offline, model inside the wheel) assigns.
+
+    ``None`` for a text without a single letter (empty, punctuation, digits).
+    """
+    if not text or not any(ch.isalpha() for ch in text):
         return None
     try:
         import py3langid
@@ -806,7 +826,16 @@ def write_report(
         "outcomes": [asdict(outcome) for outcome in outcomes],
     }
     document = _json_safe(document)
-    meta_lines = [f"- {key}: {value}" for key, value in metadata.items() if key != "systems"]
+    meta_lines = [
+        f"- {key}: {value}"
+        for key, value in metadata.items()
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    ]
+    packages = metadata.get("packages")
+    if isinstance(packages, Mapping):
+        meta_lines.append(
+            "- packages: " + ", ".join(f"{name} {version}" for name, version in packages.items())
+        )
     markdown = [
         "# Comparison report\n",
         *meta_lines,

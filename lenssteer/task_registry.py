@@ -21,7 +21,9 @@ Four built-in kinds, plus multiple-choice tasks from the user's own files:
 * ``language-fidelity`` (generation). The instruction "explain the meaning of this verse in two or
   three sentences", written in X by us, followed by a public-domain verse in X, as a user turn; the
   greedy answer's language as judged by ``py3langid`` must be X (``fidelity``). This is the
-  "off-target" failure Lens addresses.
+  "off-target" failure Lens addresses. Passages the answer copies verbatim from the prompt are
+  removed before judging (a model that only repeats the verse has not answered in X);
+  ``fidelity_whole_answer`` judges the answer as it is.
 * user tasks: JSON/JSONL multiple-choice files (:func:`load_task_file`, format in
   ``docs/compare.md``).
 
@@ -504,7 +506,7 @@ def builtin_tasks() -> dict[str, Task]:
             description="share of greedy answers to 'explain this verse' prompts written in X "
             "that py3langid judges to be in X",
             languages=tuple(lang for lang in BIBLE_LANGUAGES if lang in FIDELITY_INSTRUCTIONS),
-            metrics=("fidelity",),
+            metrics=("fidelity", "fidelity_whole_answer"),
             primary_metric="fidelity",
             kind="generation",
         ),

@@ -308,3 +308,16 @@ def find_layer(model, index):
     from lenssteer.models import find_decoder_layers
 
     return find_decoder_layers(model)[index]
+
+
+def test_copied_prompt_text_is_not_judged():
+    from lenssteer.evaluate import strip_copied
+
+    verse = "Denn so spricht Jehova der Heerscharen: Gleichwie ich euch Böses zu tun gedachte, spricht er"
+    assert detect_language(strip_copied("Denn so spricht Jehova der Heerscharen.", verse)) is None
+    kept = strip_copied(
+        "This verse means that God keeps his word. Denn so spricht Jehova der Heerscharen", verse
+    )
+    assert kept == "This verse means that God keeps his word."
+    assert detect_language(kept) == "en"
+    assert strip_copied("Dieser Vers bedeutet etwas.", verse) == "Dieser Vers bedeutet etwas."
