@@ -287,6 +287,7 @@ class ModelScorer:
         language: str,
         max_new_tokens: int,
         description: str,
+        batch_size: int | None = None,
     ) -> list[str]:
         with self.steer(language):
             return generate_greedy(
@@ -294,7 +295,7 @@ class ModelScorer:
                 self.tokenizer,
                 prompts,
                 max_new_tokens,
-                self.config.batch_size,
+                batch_size or self.config.batch_size,
                 add_special_tokens,
                 self.progress,
                 description,
@@ -377,10 +378,19 @@ class TransplantScorer(ModelScorer):
         )
         return [scores[i, : len(o)].tolist() for i, o in enumerate(options)]
 
-    def generate(self, prompts, donors, add_special_tokens, language, max_new_tokens, description):
+    def generate(
+        self,
+        prompts,
+        donors,
+        add_special_tokens,
+        language,
+        max_new_tokens,
+        description,
+        batch_size=None,
+    ):
         if donors is None or language == self.config.central_language:
             return super().generate(
-                prompts, None, add_special_tokens, language, max_new_tokens, description
+                prompts, None, add_special_tokens, language, max_new_tokens, description, batch_size
             )
         from lenssteer.transplant import transplant_generate
 
@@ -394,7 +404,7 @@ class TransplantScorer(ModelScorer):
             target,
             self.granularity,
             max_new_tokens=max_new_tokens,
-            batch_size=self.config.batch_size,
+            batch_size=batch_size or self.config.batch_size,
             add_special_tokens=add_special_tokens,
             progress=self.progress,
         )
@@ -746,6 +756,7 @@ def _generation_units(task: GenerationTask, prompts, tokenizer, config) -> list[
                 language,
                 task.max_new_tokens,
                 f"{system} | {task.name} {language}",
+                task.batch_size,
             )
             ids = [item_id for item_id, _ in rows]
             judged = [

@@ -84,7 +84,7 @@ FIDELITY_INSTRUCTIONS: dict[str, str] = {
     "tl": "Ipaliwanag ang kahulugan ng talatang ito sa dalawa o tatlong pangungusap:",
 }
 
-VERSE_CHARS = (30, 220)
+VERSE_CHARS = (30, 220)  # default (min, max) characters of a verse in every language
 
 
 class TaskError(ValueError):
@@ -116,6 +116,7 @@ class Task:
     primary_metric: str
     kind: str = "multiple-choice"
     needs_central: bool = False  # retrieval: the central language is the query side
+    max_chars: int = VERSE_CHARS[1]  # bible tasks: longest verse kept (characters, every language)
 
     def check_languages(self, languages: Sequence[str], source: str | None = None) -> None:
         """Raise :class:`TaskLanguageError` for a language the task does not have."""
@@ -152,7 +153,7 @@ class MultipleChoiceTask(Task):
     """
 
     scorings: tuple[str, ...] = ("letter",)
-    loader: Any = None  # (languages, limit, seed) -> {language: [MultipleChoiceItem]}
+    loader: Any = None  # (languages, limit, seed, task) -> {language: [MultipleChoiceItem]}
     source: str = ""
 
     def items(
@@ -160,7 +161,7 @@ class MultipleChoiceTask(Task):
     ) -> dict[str, list[MultipleChoiceItem]]:
         """``{language: items}``, the same ids in the same order in every language."""
         self.check_languages(languages, self.source or None)
-        return self.loader(list(languages), limit, seed)
+        return self.loader(list(languages), limit, seed, self)
 
     def requests(
         self, tokenizer, item: MultipleChoiceItem, scoring: str
@@ -199,7 +200,7 @@ class MultipleChoiceTask(Task):
         return ("acc", "acc_sum")
 
 
-def _mmlu_loader(languages: list[str], limit: int | None, seed: int):
+def _mmlu_loader(languages: list[str], limit: int | None, seed: int, task: Task):
     items = {language: load_mmlu_translated(language) for language in languages}
     common = set.intersection(*(set(i.id for i in rows) for rows in items.values()))
     chosen = deterministic_sample(sorted(common), limit, "mmlu-translated", seed)
@@ -229,17 +230,21 @@ def _verse_key(item_id: str) -> tuple[int, int, int]:
     return int(book), int(chapter), int(verse)
 
 
-def _fits(texts: Mapping[str, list[str]], index: int) -> bool:
-    low, high = VERSE_CHARS
+def _fits(texts: Mapping[str, list[str]], index: int, max_chars: int = VERSE_CHARS[1]) -> bool:
+    low, high = VERSE_CHARS[0], max_chars
     return all(low <= len(rows[index]) <= high for rows in texts.values())
 
 
 def bible_verses(
-    languages: Sequence[str], limit: int | None, seed: int, task: str
+    languages: Sequence[str],
+    limit: int | None,
+    seed: int,
+    task: str,
+    max_chars: int = VERSE_CHARS[1],
 ) -> dict[str, list[tuple[str, str]]]:
     """``{language: [(verse id, text)]}``: a deterministic sample of short public-domain verses."""
     corpus = _bible(_bible_languages(languages))
-    candidates = [corpus.ids[i] for i in range(len(corpus)) if _fits(corpus.texts, i)]
+    candidates = [corpus.ids[i] for i in range(len(corpus)) if _fits(corpus.texts, i, max_chars)]
     chosen = deterministic_sample(candidates, limit, task, seed)
     picked = [i for i, item_id in enumerate(corpus.ids) if item_id in chosen]
     return {
@@ -248,7 +253,7 @@ def bible_verses(
     }
 
 
-def _continuation_loader(languages: list[str], limit: int | None, seed: int):
+def _continuation_loader(languages: list[str], limit: int | None, seed: int, task: Task):
     corpus = _bible(_bible_languages(languages))
     position = {item_id: i for i, item_id in enumerate(corpus.ids)}
     keys = [_verse_key(item_id) for item_id in corpus.ids]
@@ -258,7 +263,11 @@ def _continuation_loader(languages: list[str], limit: int | None, seed: int):
     candidates = []
     for i, (book, chapter, verse) in enumerate(keys):
         following = position.get(f"bible:{book}.{chapter}.{verse + 1}")
-        if following is not None and _fits(corpus.texts, i) and _fits(corpus.texts, following):
+        if (
+            following is not None
+            and _fits(corpus.texts, i, task.max_chars)
+            and _fits(corpus.texts, following, task.max_chars)
+        ):
             candidates.append(corpus.ids[i])
     ranked = sorted(candidates, key=lambda item_id: _rank_key("bible-continuation", seed, item_id))
     items: dict[str, list[MultipleChoiceItem]] = {language: [] for language in languages}
@@ -269,7 +278,9 @@ def _continuation_loader(languages: list[str], limit: int | None, seed: int):
         book, chapter, verse = keys[i]
         true_next = position[f"bible:{book}.{chapter}.{verse + 1}"]
         excluded = {i, true_next, position.get(f"bible:{book}.{chapter}.{verse - 1}")}
-        pool = [j for j in by_book[book] if j not in excluded and _fits(corpus.texts, j)]
+        pool = [
+            j for j in by_book[book] if j not in excluded and _fits(corpus.texts, j, task.max_chars)
+        ]
         pool.sort(key=lambda j: _rank_key(f"distractor:{item_id}", seed, corpus.ids[j]))
         distractors: list[int] = []
         for j in pool:
@@ -314,7 +325,7 @@ class RetrievalTask(Task):
     ) -> dict[str, list[tuple[str, str]]]:
         self.check_languages([central_language, *languages])
         wanted = [central_language, *[lang for lang in languages if lang != central_language]]
-        return bible_verses(wanted, limit, seed, self.name)
+        return bible_verses(wanted, limit, seed, self.name, self.max_chars)
 
 
 @dataclass
@@ -322,13 +333,14 @@ class GenerationTask(Task):
     """Greedy answers to prompts in each language, judged by an offline language identifier."""
 
     max_new_tokens: int = 32
+    batch_size: int | None = None  # prompts per generate() call (default: the run's batch size)
 
     def prompts(
         self, languages: Sequence[str], limit: int | None, seed: int
     ) -> dict[str, list[tuple[str, str]]]:
         """``{language: [(item id, user message)]}`` aligned across languages."""
         self.check_languages(languages)
-        verses = bible_verses(languages, limit, seed, self.name)
+        verses = bible_verses(languages, limit, seed, self.name, self.max_chars)
         return {
             language: [
                 (item_id, f"{FIDELITY_INSTRUCTIONS[language]}\n\n{text}") for item_id, text in rows
@@ -445,7 +457,7 @@ def load_task_file(
         raise TaskError(f"{path}: scoring must be 'letter' or 'option-text', got {scoring!r}")
     languages = tuple(dict.fromkeys(item.language for item in items))
 
-    def loader(wanted: list[str], limit: int | None, seed: int):
+    def loader(wanted: list[str], limit: int | None, seed: int, task: Task):
         by_language = {lang: [i for i in items if i.language == lang] for lang in wanted}
         ids = sorted({i.id for rows in by_language.values() for i in rows})
         chosen = deterministic_sample(ids, limit, str(task_name), seed)

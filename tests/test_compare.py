@@ -323,19 +323,13 @@ def test_cli_compare_end_to_end(setup, tokenizer, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.ci
 def test_real_model_comparison(tmp_path):
-    """SmolLM2 on all four task kinds, base vs XTransplant vs the remove-specific baseline."""
-    from lenssteer.models import load_model
-    from lenssteer.probe import probe
+    """SmolLM2 on all four task kinds: base vs XTransplant vs the shipped subspace's baseline."""
+    from pathlib import Path
 
-    loaded = load_model("smollm2-135m-instruct")
-    probe(
-        "smollm2-135m-instruct",
-        languages=["en", "de", "fr"],
-        layers="top:2",
-        limit=12,
-        out=tmp_path / "subspace",
-        progress=False,
-        loaded=loaded,
+    from lenssteer.models import load_model
+
+    subspace = (
+        Path(__file__).resolve().parent.parent / "subspaces" / "smollm2-135m-instruct-bible-5lang"
     )
     config = CompareConfig(
         model="smollm2-135m-instruct",
@@ -351,17 +345,17 @@ def test_real_model_comparison(tmp_path):
         systems=[
             SystemConfig("base"),
             SystemConfig("xtransplant", kind="xtransplant", source_layer=10, target_layer=0),
-            SystemConfig("remove-specific", kind="baseline", subspace=str(tmp_path / "subspace")),
+            SystemConfig("remove-specific", kind="baseline", subspace=str(subspace)),
         ],
     )
-    document = run_comparison(config, progress=False, loaded=loaded)
+    document = run_comparison(config, progress=False, loaded=load_model("smollm2-135m-instruct"))
     summary = document["summary"]
-    assert set(summary) == {
+    assert list(summary) == [
         "mmlu-translated",
         "bible-continuation",
         "bible-retrieval",
         "language-fidelity",
-    }
+    ]
     for metrics in summary.values():
         for systems in metrics.values():
             for cells in systems.values():
@@ -369,31 +363,5 @@ def test_real_model_comparison(tmp_path):
                     assert 0.0 <= cell["score"] <= 1.0
                     assert cell["low"] <= cell["score"] <= cell["high"]
     # SmolLM2 answers an English prompt in English.
-    assert summary["language-fidelity"]["fidelity"]["base"]["en"]["score"] == 1.0
+    assert summary["language-fidelity"]["fidelity_whole_answer"]["base"]["en"]["score"] == 1.0
     assert (tmp_path / "report" / "language-fidelity.png").stat().st_size < 200_000
-
-
-def test_shared_lower_layers_change_nothing(setup, tokenizer, tmp_path):
-    """Top-layer systems replaying the base pass's lower layers score exactly as computed in full."""
-    root, model = setup
-    config = full_config(root, tmp_path / "a")
-    config.tasks = [config.tasks[0], TaskConfig("bible-retrieval", limit=4)]
-    shared = run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
-    assert shared["metadata"]["shared_lower_layers"] == "below layer 3"
-    full = run_comparison(
-        config, progress=False, loaded=(tokenizer, model), write=False, share_lower_layers=False
-    )
-    assert full["metadata"]["shared_lower_layers"] == "no"
-    assert len(full["outcomes"]) == len(shared["outcomes"])
-    for a, b in zip(full["outcomes"], shared["outcomes"], strict=True):
-        assert (a["task"], a["metric"], a["system"], a["language"]) == (
-            b["task"],
-            b["metric"],
-            b["system"],
-            b["language"],
-        )
-        assert a["values"] == b["values"]
-        if a["task"] == "toy":
-            assert _flat(a["details"]) == pytest.approx(_flat(b["details"]), abs=1e-4)
-        else:
-            assert a["details"] == b["details"]  # the same nearest neighbours
