@@ -320,6 +320,32 @@ def test_cli_compare_end_to_end(setup, tokenizer, tmp_path, capsys):
     assert "line 1: field 'choices' needs at least 2" in capsys.readouterr().err
 
 
+def test_shared_lower_layers_change_nothing(setup, tokenizer, tmp_path):
+    """Top-layer systems replaying the base pass's lower layers score exactly as computed in full."""
+    root, model = setup
+    config = full_config(root, tmp_path / "a")
+    config.tasks = [config.tasks[0], TaskConfig("bible-retrieval", limit=4)]
+    shared = run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
+    assert shared["metadata"]["shared_lower_layers"] == "below layer 3"
+    full = run_comparison(
+        config, progress=False, loaded=(tokenizer, model), write=False, share_lower_layers=False
+    )
+    assert full["metadata"]["shared_lower_layers"] == "no"
+    assert len(full["outcomes"]) == len(shared["outcomes"])
+    for a, b in zip(full["outcomes"], shared["outcomes"], strict=True):
+        assert (a["task"], a["metric"], a["system"], a["language"]) == (
+            b["task"],
+            b["metric"],
+            b["system"],
+            b["language"],
+        )
+        assert a["values"] == b["values"]
+        if a["task"] == "toy":
+            assert _flat(a["details"]) == pytest.approx(_flat(b["details"]), abs=1e-4)
+        else:
+            assert a["details"] == b["details"]  # the same nearest neighbours
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_real_model_comparison(tmp_path):
