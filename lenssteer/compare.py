@@ -976,7 +976,7 @@ def run_comparison(
         outcomes=outcomes,
         metadata=metadata,
         reference_system=config.reference_system,
-        primary_metrics={task.name: task.primary_metric for task, _ in tasks},
+        primary_metrics={task.name: _primary_metric(task) for task, _ in tasks},
         task_notes=task_notes,
         notes=_systems_note(systems),
         n_resamples=config.bootstrap_resamples,
@@ -984,8 +984,14 @@ def run_comparison(
     )
 
 
+def _primary_metric(task: Task) -> str:
+    """The task's primary metric if this run produces it, else its first metric."""
+    metrics = task.describe()["metrics"]
+    return task.primary_metric if task.primary_metric in metrics else metrics[0]
+
+
 def _task_note(task: Task, systems: Sequence[_PreparedSystem]) -> str:
-    note = f"{task.description}. Primary metric: `{task.primary_metric}`."
+    note = f"{task.description}. Primary metric: `{_primary_metric(task)}`."
     if isinstance(task, RetrievalTask) and any(p.config.kind == "xtransplant" for p in systems):
         note += " XTransplant does not apply (its donor is the aligned text to retrieve)."
     return note

@@ -153,6 +153,7 @@ class MultipleChoiceTask(Task):
     """
 
     scorings: tuple[str, ...] = ("letter",)
+    letter_metric: str = "acc"
     loader: Any = None  # (languages, limit, seed, task) -> {language: [MultipleChoiceItem]}
     source: str = ""
 
@@ -191,10 +192,14 @@ class MultipleChoiceTask(Task):
             )
         raise TaskError(f"task {self.name!r}: unknown scoring {scoring!r}")
 
+    def describe(self) -> dict[str, Any]:
+        metrics = [m for scoring in self.scorings for m in self.metric_names(scoring) if m]
+        return {**super().describe(), "metrics": metrics, "scorings": list(self.scorings)}
+
     def metric_names(self, scoring: str) -> tuple[str, str | None]:
         """(metric of the per-byte score, metric of the sum) for a scoring mode; letters: one."""
         if scoring == "letter":
-            return ("acc_letter" if len(self.scorings) > 1 else "acc", None)
+            return (self.letter_metric, None)
         if scoring == "option-text":
             return ("acc_text", "acc_text_sum")
         return ("acc", "acc_sum")
@@ -491,6 +496,7 @@ def builtin_tasks() -> dict[str, Task]:
             metrics=("acc_letter", "acc_text", "acc_text_sum"),
             primary_metric="acc_letter",
             scorings=("letter", "option-text"),
+            letter_metric="acc_letter",
             loader=_mmlu_loader,
         ),
         "bible-continuation": MultipleChoiceTask(
