@@ -1,0 +1,152 @@
+"""Quickstart: probe -> train a Lens LoRA adapter -> check it on held-out verses -> compare systems.
+
+On the default bundled model (qwen2.5-coder-0.5b-instruct), with public-domain Bible verses in
+English and four target languages:
+
+1. one frozen pass over the training verses gives the inputs of the top 2 layers and their frozen
+   last-token states; the language subspace of those layers is computed from the same states
+   (the probe, no second pass) and its diagnostics printed;
+2. a LoRA adapter is trained on the top 2 layers (pull / push / retain, the fast path);
+3. on held-out verses (never seen by the probe or the training): the agnostic gap to English, the
+   movement along each language's direction, the drift of English states, English -> target
+   retrieval, before and after;
+4. the same prompts answered by the base model and with the adapter;
+5. (unless --skip-compare) `lenssteer compare` with recipes/compare_quickstart.toml, using this
+   run's adapter: base vs Lens vs XTransplant vs a subspace baseline on four task kinds.
+
+Everything lands in --out (default runs/quickstart). --ship also copies the adapter to checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LANGUAGES = "en,de,es,fr,it"  # the MMLU translations of compare have de, es, fr, it
+SHIPPED_ADAPTER = ROOT / "checkpoints" / "qwen2.5-coder-0.5b-instruct-lens-quickstart"
+TRY_PROMPTS = [
+    "Qual è la capitale del Giappone? Rispondi in una frase.",
+    "Quelle est la capitale de l'Australie ? Réponds en une phrase.",
+    "Erkläre in zwei Sätzen, warum der Himmel blau ist.",
+    "¿Cuántos días tiene un año bisiesto? Responde brevemente.",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--languages", default=DEFAULT_LANGUAGES, help="central first")
+    parser.add_argument("--train-items", type=int, default=200, help="parallel verses to train on")
+    parser.add_argument("--heldout-items", type=int, default=100, help="held-out verses to check")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "quickstart"))
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--skip-compare", action="store_true", help="stop after the adapter check")
+    parser.add_argument("--compare-limit", type=int, help="items per task and language in compare")
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help=f"copy the adapter to {SHIPPED_ADAPTER.relative_to(ROOT)}",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from lenssteer.adapter import generate
+    from lenssteer.data import load_bible
+    from lenssteer.io import atomic_directory, atomic_write_text
+    from lenssteer.models import load_model
+    from lenssteer.probe import format_diagnostics
+    from lenssteer.train import run_quickstart_training
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    languages = [code.strip() for code in args.languages.split(",") if code.strip()]
+    corpus = load_bible(languages, central_language=languages[0])
+    sample = corpus.sample(args.train_items + args.heldout_items, seed=args.seed)
+    total = len(sample)
+    parts = sample.split(
+        {"train": args.train_items / total, "heldout": args.heldout_items / total}, seed=args.seed
+    )
+    print(
+        f"[quickstart] {args.model}; {corpus.source}; {len(parts['train'])} training and "
+        f"{len(parts['heldout'])} held-out verses per language\n"
+    )
+
+    tokenizer, model = load_model(args.model)
+    result = run_quickstart_training(
+        model,
+        tokenizer,
+        parts["train"],
+        parts["heldout"],
+        out / "adapter",
+        subspace_out=out / "subspace",
+    )
+    print("\n## Probe: language subspaces of the trained layers (from the training verses)\n")
+    print(format_diagnostics(result["subspace"]))
+    print("\n## Held-out check of the adapter\n")
+    print(result["report_markdown"])
+
+    print("\n## The same prompts, base model vs adapter (greedy)\n")
+    lines = []
+    for prompt in TRY_PROMPTS:
+        answers = generate(
+            args.model,
+            prompt,
+            adapter=out / "adapter",
+            max_new_tokens=args.max_new_tokens,
+            loaded=(tokenizer, model),
+        )
+        lines += [
+            f"- prompt: {prompt}",
+            f"  - base:    {answers['base']!r}",
+            f"  - steered: {answers['steered']!r}",
+        ]
+    print("\n".join(lines))
+    timings = {**result["timings"], "total_s": round(time.perf_counter() - started, 1)}
+    print(f"\n[quickstart] timings (s): {timings}")
+    atomic_write_text(
+        out / "QUICKSTART.md",
+        "# Quickstart run\n\n"
+        f"Command: `bash recipes/quickstart.sh {' '.join(sys.argv[1:])}`\n\n"
+        "## Probe\n\n"
+        + format_diagnostics(result["subspace"])
+        + "\n\n## Held-out check\n\n"
+        + result["report_markdown"]
+        + "\n\n## Generations\n\n"
+        + "\n".join(lines)
+        + f"\n\nTimings (s): {timings}\n",
+    )
+    if args.ship:
+        with atomic_directory(SHIPPED_ADAPTER) as scratch:
+            shutil.copytree(out / "adapter", scratch, dirs_exist_ok=True)
+        print(f"[quickstart] adapter shipped to {SHIPPED_ADAPTER}")
+
+    if not args.skip_compare:
+        from lenssteer.cli import main as lenssteer_main
+
+        compare_args = [
+            "compare",
+            "--config",
+            str(ROOT / "recipes" / "compare_quickstart.toml"),
+            "--adapter",
+            str(out / "adapter"),
+            "--out",
+            str(out / "compare"),
+        ]
+        if args.compare_limit:
+            compare_args += ["--limit", str(args.compare_limit)]
+        print(f"\n[quickstart] lenssteer {' '.join(compare_args)}")
+        return lenssteer_main(compare_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
