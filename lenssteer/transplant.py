@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -53,7 +54,7 @@ from lenssteer.hooks import (
     last_real_positions,
     position_ids_from_mask,
 )
-from lenssteer.io import atomic_write_json, atomic_write_text
+from lenssteer.io import atomic_save_tensors, atomic_write_json, atomic_write_text
 from lenssteer.models import (
     ModuleNames,
     find_decoder_layers,
@@ -66,6 +67,7 @@ __all__ = [
     "GRID_MODES",
     "GridScores",
     "accuracy",
+    "answer_probability",
     "dev_heldout_split",
     "encode_prompts",
     "generate_transplanted",
@@ -920,6 +922,16 @@ def accuracy(scores: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
     return scores.argmax(dim=-1) == answers
 
 
+def answer_probability(scores: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Probability of the answer among the options (softmax over option scores): ``(...)``.
+
+    A finer signal than accuracy on small samples: it moves even when the top option does not.
+    """
+    answers = answers.long().view(-1, *([1] * (scores.dim() - 2)), 1)
+    probabilities = torch.softmax(scores.float(), dim=-1)
+    return probabilities.gather(-1, answers.expand(*scores.shape[:-1], 1)).squeeze(-1)
+
+
 def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion."""
     if total == 0:
@@ -963,7 +975,8 @@ def summarize_grid(
 ) -> dict[str, Any]:
     """Accuracy numbers of one grid: base, every pair, best pair, upper bound, control, selection.
 
-    Accuracies are fractions; ``*_ci`` are 95% Wilson intervals. The selection picks a pair on a
+    Accuracies are fractions; ``*_ci`` are 95% Wilson intervals; ``*_answer_probability`` is the
+    mean probability of the right option among the options. The selection picks a pair on a
     seeded dev split and reports it on the held-out rest against the base model there.
     """
     answers = answers.long()
@@ -984,6 +997,10 @@ def summarize_grid(
         "best_pair_accuracy": float(pair_accuracy[best]),
         "best_pair_accuracy_ci": wilson_interval(int(pair_correct[:, best].sum()), n),
         "upper_bound": float(pair_correct.any(dim=1).float().mean()),
+        "base_answer_probability": float(answer_probability(scores.base, answers).mean()),
+        "pair_answer_probability": [
+            round(float(p), 4) for p in answer_probability(scores.transplant, answers).mean(dim=0)
+        ],
         "base_correct": "".join("1" if c else "0" for c in base.tolist()),
         "pair_correct": ["".join("1" if c else "0" for c in row) for row in pair_correct.tolist()],
     }
@@ -991,6 +1008,9 @@ def summarize_grid(
         control_correct = accuracy(scores.control, answers)
         summary["control_upper_bound"] = float(control_correct.any(dim=1).float().mean())
         summary["control_mean_pair_accuracy"] = float(control_correct.float().mean())
+        summary["control_answer_probability"] = float(
+            answer_probability(scores.control, answers).mean()
+        )
     if n >= 2:
         dev, held = dev_heldout_split(n, dev_fraction, seed)
         chosen = select_pair(pair_correct[dev], scores.pairs)
@@ -1011,8 +1031,7 @@ def save_selected_pairs(path: str | Path, selected: dict[str, Any]) -> None:
 
 
 def load_selected_pairs(path: str | Path) -> dict[str, Any]:
-    import json
-
+    """Read a file written by :func:`save_selected_pairs`."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if data.get("format") != "lenssteer-transplant-pairs":
         raise ValueError(f"{path} is not a lenssteer transplant pair file")
@@ -1214,7 +1233,8 @@ def run_transplant_grid(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The grid on a task for each recipient language; writes ``grid.json``, ``selected_pairs.json``,
-    one ``heatmap_<lang>_<granularity>.png`` per grid and ``summary.md`` into ``out_dir``.
+    ``summary.md``, and per grid ``heatmap_<lang>_<granularity>.png`` and the raw option scores
+    ``scores_<lang>_<granularity>.safetensors`` into ``out_dir``.
 
     Donors are recorded once and shared by all recipient languages. Returns the JSON content.
     """
@@ -1290,6 +1310,13 @@ def run_transplant_grid(
                 summary["base_accuracy"],
             )
             summary["heatmap"] = heatmap
+            summary["scores"] = f"scores_{language}_{granularity}.safetensors"
+            raw = {"base": scores.base, "transplant": scores.transplant, "answers": answers}
+            if scores.control is not None:
+                raw.update(control=scores.control, control_donors=scores.control_donors)
+            atomic_save_tensors(
+                raw, out_dir / summary["scores"], {"pairs": json.dumps(scores.pairs)}
+            )
             result["languages"][language][granularity] = summary
             selection = summary.get("selection", {})
             selected[language][granularity] = {
@@ -1337,10 +1364,28 @@ def format_grid_summary(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
+        "| recipient | granularity | p(answer): base | best pair | mean over pairs "
+        "| mean over random-donor pairs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for language, grids in result["languages"].items():
+        for granularity, s in grids.items():
+            best = s["pairs"].index(s["best_pair"])
+            pair_probability = s["pair_answer_probability"]
+            lines.append(
+                f"| {language} | {granularity} | {s['base_answer_probability']:.3f} "
+                f"| {pair_probability[best]:.3f} "
+                f"| {sum(pair_probability) / len(pair_probability):.3f} "
+                f"| {s.get('control_answer_probability', float('nan')):.3f} |"
+            )
+    lines += [
+        "",
         "Accuracy in %, with 95% Wilson intervals. Upper bound: share of items that at least one "
         "pair answers correctly; the random-donor bound is the same union with a random other "
         "item as donor (same number of tries), i.e. what chance alone gives. Held-out: the pair "
-        "chosen on a dev split (ties: lowest target, deepest source) evaluated on the other items.",
+        "chosen on a dev split (ties: lowest target, deepest source) evaluated on the other items. "
+        "p(answer): mean probability of the right option among the options (softmax of their "
+        "log-likelihoods), a finer signal than accuracy on small samples.",
         "",
     ]
     for language, grids in result["languages"].items():

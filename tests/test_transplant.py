@@ -9,10 +9,12 @@ stream; the fast grid gives the numbers of running each pair from scratch; bad i
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from conftest import make_tiny_model
+from safetensors.torch import load_file
 
 from lenssteer.hooks import hooked, last_real_positions, position_ids_from_mask
 from lenssteer.models import ModuleDiscoveryError, ModuleNames, find_layer_modules
@@ -447,6 +449,9 @@ def test_summarize_grid_hand_computed():
     assert summary["upper_bound"] == 0.75
     assert summary["control_upper_bound"] == 0.25
     assert summary["pair_correct"] == ["101", "011", "000", "001"]
+    p_right = 1 / (1 + math.exp(-1))  # softmax([0, -1])[0]
+    assert summary["base_answer_probability"] == pytest.approx((p_right + 3 * (1 - p_right)) / 4)
+    assert summary["pair_answer_probability"][2] == pytest.approx((2 * p_right + 1) / 4, abs=1e-4)
     selection = summary["selection"]
     assert selection["dev_items"] + selection["heldout_items"] == 4
     lo, hi = summary["base_accuracy_ci"]
@@ -576,6 +581,8 @@ def test_cli_transplant_grid_writes_json_heatmaps_and_summary(tiny_folder, tmp_p
         "grid.json",
         "heatmap_de_ffn.png",
         "heatmap_fr_ffn.png",
+        "scores_de_ffn.safetensors",
+        "scores_fr_ffn.safetensors",
         "selected_pairs.json",
         "summary.md",
     ]
@@ -589,6 +596,9 @@ def test_cli_transplant_grid_writes_json_heatmaps_and_summary(tiny_folder, tmp_p
     summary = (out / "summary.md").read_text()
     assert "| de | ffn |" in summary and "random-donor bound" in summary
     assert load_selected_pairs(out / "selected_pairs.json")["fr"]["ffn"]["target_layer"] in (0, 1)
+    raw = load_file(out / "scores_de_ffn.safetensors")
+    assert raw["transplant"].shape == (4, 4, 4) and raw["control_donors"].shape == (4, 4)
+    assert accuracy(raw["base"], raw["answers"]).float().mean() == grid["base_accuracy"]
     assert "upper bound" in capsys.readouterr().out
 
 
