@@ -125,6 +125,7 @@ class Bench:
             self.trained,
             "last",
             LensObjective(),
+            agnostic=subspace.agnostic,
         )
         self.module.train()
         self.optimizer = torch.optim.AdamW(self.trainable.parameters().values(), lr=1e-5)
@@ -183,6 +184,7 @@ class Bench:
             self.module.directions,
             0,
             self.module.objective,
+            self.module.agnostic_direction,
         )["loss"]
         loss.backward()
         self.optimizer.step()

@@ -92,6 +92,7 @@ class TrainConfig:
     push_weight: float = 1.0
     retain_weight: float = 1.0
     alpha: float = 1.0
+    pull_space: str = "direction"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -125,7 +126,13 @@ class TrainConfig:
 
     def objective(self) -> LensObjective:
         try:
-            return LensObjective(self.pull_weight, self.push_weight, self.retain_weight, self.alpha)
+            return LensObjective(
+                self.pull_weight,
+                self.push_weight,
+                self.retain_weight,
+                self.alpha,
+                self.pull_space,
+            )
         except ValueError as error:
             raise TrainingError(str(error)) from None
 
@@ -671,7 +678,8 @@ class LensTrainingModule(nn.Module):
     """The model plus the subspace tensors; ``forward(batch)`` returns the Lens loss and its terms.
 
     ``basis (L, r, H)`` and ``directions (K, L, H)`` are the subspace's, restricted to the loss
-    layers and the training languages (in the data's order).
+    layers and the training languages (in the data's order); ``agnostic (L, H)`` the subspace's
+    agnostic vectors at those layers (normalised here; needed for ``pull_space="direction"``).
     """
 
     def __init__(
@@ -686,11 +694,16 @@ class LensTrainingModule(nn.Module):
         objective: LensObjective,
         fast: bool = True,
         module_names: ModuleNames | None = None,
+        agnostic: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("basis", basis.float(), persistent=False)
         self.register_buffer("directions", directions.float(), persistent=False)
+        unit = None
+        if agnostic is not None:
+            unit = agnostic.float() / agnostic.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.register_buffer("agnostic_direction", unit, persistent=False)
         self.central_index = central_index
         self.first_layer = first_layer
         self.loss_layers = list(loss_layers)
@@ -738,7 +751,13 @@ class LensTrainingModule(nn.Module):
         states = self.pooled_states(attention_mask, layer_inputs, input_ids)
         states = states.reshape(frozen.shape)
         return lens_losses(
-            states, frozen, self.basis, self.directions, self.central_index, self.objective
+            states,
+            frozen,
+            self.basis,
+            self.directions,
+            self.central_index,
+            self.objective,
+            self.agnostic_direction,
         )
 
 
@@ -986,6 +1005,7 @@ def train_lens(
     language_positions = [subspace.language_position(language) for language in languages]
     basis = subspace.specific_basis[positions]  # (L, r, H)
     directions = subspace.directions[positions][:, language_positions].transpose(0, 1)  # (K, L, H)
+    agnostic = subspace.agnostic[positions]  # (L, H)
 
     set_seed(config.seed)
     with trainable_top_layers(model, trained, config, module_names) as trainable:
@@ -1000,6 +1020,7 @@ def train_lens(
             objective,
             fast=config.fast,
             module_names=module_names,
+            agnostic=agnostic,
         )
         _check_reproduces_frozen(module, data)
 
@@ -1190,47 +1211,61 @@ def representation_report(
     """Compare pooled states of held-out items before and after steering.
 
     ``before``, ``after``: ``(N, K, L, H)`` for ``languages`` (central included) at ``layers``.
-    Per layer and target language ``t`` (central ``c``, ``A`` = agnostic part, ``S`` = specific
-    component, ``d_t`` = direction):
+    Per layer and target language ``t`` (central ``c``; ``â`` = unit agnostic vector, ``B`` = specific
+    basis, ``d_t`` = direction), with means over the ``N`` parallel items:
 
-    * ``agnostic_gap``: mean over items of ``|A(h_t) - A(h_c)|``, before and after, and the
-      ``shrink`` = 1 - after / before; ``agnostic_gap_1d``: the same along the unit agnostic vector;
-    * ``push_ratio``: mean of ``<S(h_t^after) - S(h_t^before), d_t> / |d_t|²``, to set against
-      ``alpha``;
+    * ``gap_along_agnostic``: mean ``|(h_t - h_c)·â|``, before and after, and its ``shrink`` =
+      1 - after / before (what ``pull_space="direction"`` trains);
+    * ``gap_outside_specific``: mean ``|(I - BᵀB)(h_t - h_c)|``, before, after and shrink (what
+      ``pull_space="complement"`` trains);
+    * ``push_ratio``: mean ``<BᵀB(h_t^after - h_t^before), d_t> / |d_t|²``, to set against ``alpha``;
     * ``retrieval``: central -> target top-1 among the N items (cosine, centred on the subspace's
       mean of language means), before and after.
 
     For the central language: ``retain_mse_rel`` = mean ``|h_c^after - h_c^before|²`` divided by the
-    variance of ``h_c^before`` across items (total over hidden units).
+    variance of ``h_c^before`` across items (summed over hidden units). Layer means of the gaps are
+    taken before the ratio: ``shrink = 1 - mean(after) / mean(before)``.
     """
     central = subspace.central_language
     c = list(languages).index(central)
     report: dict[str, Any] = {"alpha": alpha, "n_items": before.shape[0], "layers": {}}
+
+    def shrink(gap_before: float, gap_after: float) -> float:
+        return 1.0 - gap_after / gap_before if gap_before > 0 else 0.0
+
     for position, layer in enumerate(layers):
         b, a = before[:, :, position].double(), after[:, :, position].double()
-        basis = subspace.specific_basis[subspace.layer_position(layer)].double()
-        agnostic = subspace.agnostic[subspace.layer_position(layer)].double()
+        row = subspace.layer_position(layer)
+        basis = subspace.specific_basis[row].double()
+        agnostic = subspace.agnostic[row].double()
         unit = agnostic / agnostic.norm().clamp_min(1e-12)
-        centre = subspace.means[subspace.layer_position(layer)].double().mean(0)
+        centre = subspace.means[row].double().mean(0)
 
-        def agnostic_part(x: torch.Tensor, basis=basis) -> torch.Tensor:
+        def outside(x: torch.Tensor, basis=basis) -> torch.Tensor:
             return x - (x @ basis.T) @ basis
 
         per_language = {}
         for k, language in enumerate(languages):
             if k == c:
                 continue
-            gap_before = agnostic_part(b[:, k] - b[:, c]).norm(dim=-1).mean().item()
-            gap_after = agnostic_part(a[:, k] - a[:, c]).norm(dim=-1).mean().item()
+            along = (
+                ((b[:, k] - b[:, c]) @ unit).abs().mean().item(),
+                ((a[:, k] - a[:, c]) @ unit).abs().mean().item(),
+            )
+            rest = (
+                outside(b[:, k] - b[:, c]).norm(dim=-1).mean().item(),
+                outside(a[:, k] - a[:, c]).norm(dim=-1).mean().item(),
+            )
             direction = subspace.direction(language, layer).double()
             moved = ((a[:, k] - b[:, k]) @ basis.T) @ basis
             ratio = (moved @ direction).mean().item() / max(direction.dot(direction).item(), 1e-12)
             per_language[language] = {
-                "agnostic_gap_before": gap_before,
-                "agnostic_gap_after": gap_after,
-                "shrink": 1.0 - gap_after / gap_before if gap_before > 0 else 0.0,
-                "agnostic_gap_1d_before": ((b[:, k] - b[:, c]) @ unit).abs().mean().item(),
-                "agnostic_gap_1d_after": ((a[:, k] - a[:, c]) @ unit).abs().mean().item(),
+                "gap_along_agnostic_before": along[0],
+                "gap_along_agnostic_after": along[1],
+                "shrink_along_agnostic": shrink(*along),
+                "gap_outside_specific_before": rest[0],
+                "gap_outside_specific_after": rest[1],
+                "shrink_outside_specific": shrink(*rest),
                 "push_ratio": ratio,
                 "retrieval_before": _top1(b[:, c] - centre, b[:, k] - centre),
                 "retrieval_after": _top1(a[:, c] - centre, a[:, k] - centre),
@@ -1244,23 +1279,21 @@ def representation_report(
 
         report["layers"][int(layer)] = {
             "languages": per_language,
-            "mean_shrink": mean("shrink"),
-            "mean_gap_before": mean("agnostic_gap_before"),
-            "mean_gap_after": mean("agnostic_gap_after"),
-            "mean_push_ratio": mean("push_ratio"),
-            "mean_retrieval_before": mean("retrieval_before"),
-            "mean_retrieval_after": mean("retrieval_after"),
+            "shrink_along_agnostic": shrink(
+                mean("gap_along_agnostic_before"), mean("gap_along_agnostic_after")
+            ),
+            "shrink_outside_specific": shrink(
+                mean("gap_outside_specific_before"), mean("gap_outside_specific_after")
+            ),
+            "push_ratio": mean("push_ratio"),
+            "retrieval_before": mean("retrieval_before"),
+            "retrieval_after": mean("retrieval_after"),
             "retain_mse_rel": displacement / variance if variance > 0 else float("nan"),
         }
     top = int(max(layers))
-    summary = report["layers"][top]
     report["summary"] = {
         "layer": top,
-        "agnostic_gap_shrink": summary["mean_shrink"],
-        "push_ratio": summary["mean_push_ratio"],
-        "retain_mse_rel": summary["retain_mse_rel"],
-        "retrieval_before": summary["mean_retrieval_before"],
-        "retrieval_after": summary["mean_retrieval_after"],
+        **{k: v for k, v in report["layers"][top].items() if k != "languages"},
     }
     return report
 
@@ -1320,30 +1353,32 @@ def heldout_report(
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """A Markdown table of :func:`heldout_report`: one row per target language at each layer."""
+    """A Markdown table of :func:`heldout_report`: one row per target language and layer."""
     lines = [
-        "| layer | language | agnostic gap before -> after (shrink) | 1-d gap before -> after | "
-        "push ratio (alpha " + f"{report['alpha']:g}) | retrieval before -> after |",
+        "| layer | language | gap along agnostic dir. before -> after (shrink) | gap outside "
+        f"specific subspace (shrink) | push ratio (alpha {report['alpha']:g}) | "
+        "retrieval before -> after |",
         "|---|---|---|---|---|---|",
     ]
     for layer, entry in report["layers"].items():
         for language, r in entry["languages"].items():
             lines.append(
-                f"| {layer} | {language} | {r['agnostic_gap_before']:.2f} -> "
-                f"{r['agnostic_gap_after']:.2f} ({100 * r['shrink']:.0f}%) | "
-                f"{r['agnostic_gap_1d_before']:.2f} -> {r['agnostic_gap_1d_after']:.2f} | "
-                f"{r['push_ratio']:.2f} | {r['retrieval_before']:.2f} -> "
-                f"{r['retrieval_after']:.2f} |"
+                f"| {layer} | {language} | {r['gap_along_agnostic_before']:.2f} -> "
+                f"{r['gap_along_agnostic_after']:.2f} ({100 * r['shrink_along_agnostic']:.0f}%) | "
+                f"{r['gap_outside_specific_before']:.1f} -> {r['gap_outside_specific_after']:.1f} "
+                f"({100 * r['shrink_outside_specific']:.0f}%) | {r['push_ratio']:.2f} | "
+                f"{r['retrieval_before']:.2f} -> {r['retrieval_after']:.2f} |"
             )
         lines.append(
-            f"| {layer} | **mean** | {100 * entry['mean_shrink']:.0f}% shrink | | "
-            f"{entry['mean_push_ratio']:.2f} | {entry['mean_retrieval_before']:.2f} -> "
-            f"{entry['mean_retrieval_after']:.2f} |"
+            f"| {layer} | **all** | **{100 * entry['shrink_along_agnostic']:.0f}%** | "
+            f"{100 * entry['shrink_outside_specific']:.0f}% | {entry['push_ratio']:.2f} | "
+            f"{entry['retrieval_before']:.2f} -> {entry['retrieval_after']:.2f} |"
         )
     s = report["summary"]
     lines.append(
-        f"\nLayer {s['layer']}, {report['n_items']} held-out items: agnostic gap shrinks "
-        f"{100 * s['agnostic_gap_shrink']:.1f}%, push ratio {s['push_ratio']:.2f} (alpha "
+        f"\nLayer {s['layer']}, {report['n_items']} held-out items: the gap along the agnostic "
+        f"direction shrinks {100 * s['shrink_along_agnostic']:.1f}% (outside the specific subspace: "
+        f"{100 * s['shrink_outside_specific']:.1f}%), push ratio {s['push_ratio']:.2f} (alpha "
         f"{report['alpha']:g}), central-language retain MSE {s['retain_mse_rel']:.4f} of its "
         f"variance, retrieval {s['retrieval_before']:.3f} -> {s['retrieval_after']:.3f}."
     )

@@ -75,6 +75,30 @@ def test_retain_by_hand():
     assert retain_loss(central, frozen).item() == pytest.approx(1.25)
 
 
+Y_AXIS = torch.tensor([[0.0, 1.0]])  # (L=1, H=2): the agnostic direction, orthogonal to X_AXIS
+
+
+def test_pull_along_the_agnostic_direction_by_hand():
+    target = t([3.0, 4.0]).reshape(1, 1, 1, 2)
+    frozen_central = t([1.0, 1.0]).reshape(1, 1, 2)
+    unit = torch.tensor([[0.6, 0.8]])
+    # difference (2, 3); coordinate along (0.6, 0.8) = 3.6; |3.6 u|^2 / H = 12.96 / 2
+    assert pull_loss(target, frozen_central, X_AXIS, unit).item() == pytest.approx(6.48)
+    # along the y axis the coordinate is 3: 9 / 2, the same as the complement of the x axis here
+    assert pull_loss(target, frozen_central, X_AXIS, Y_AXIS).item() == pytest.approx(4.5)
+
+
+def test_pull_along_the_direction_ignores_other_agnostic_dimensions():
+    basis = torch.tensor([[[1.0, 0.0, 0.0]]])  # specific: x; agnostic direction: y; z is neither
+    direction = torch.tensor([[0.0, 1.0, 0.0]])
+    frozen_central = t([0.0, 0.0, 0.0]).reshape(1, 1, 3)
+    near = pull_loss(t([5.0, 1.0, 0.0]).reshape(1, 1, 1, 3), frozen_central, basis, direction)
+    far = pull_loss(t([5.0, 1.0, 9.0]).reshape(1, 1, 1, 3), frozen_central, basis, direction)
+    assert near.item() == pytest.approx(far.item()) == pytest.approx(1.0 / 3)
+    complement = pull_loss(t([5.0, 1.0, 9.0]).reshape(1, 1, 1, 3), frozen_central, basis)
+    assert complement.item() == pytest.approx(82.0 / 3)
+
+
 def _two_language_batch():
     # (B=1, K=2, L=1, H=2); language 0 is central
     states = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])
@@ -86,7 +110,7 @@ def _two_language_batch():
 def test_lens_losses_weighted_sum_by_hand():
     states, frozen, directions = _two_language_batch()
     objective = LensObjective(pull_weight=2.0, push_weight=3.0, retain_weight=5.0, alpha=2.0)
-    out = lens_losses(states, frozen, X_AXIS, directions, 0, objective)
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, objective, Y_AXIS)
     # pull: target (3,4) vs frozen central (1,1): 4.5; push: 0.5 (see above); retain: 0.5
     assert out["pull"].item() == pytest.approx(4.5)
     assert out["push"].item() == pytest.approx(0.5)
@@ -97,12 +121,14 @@ def test_lens_losses_weighted_sum_by_hand():
 def test_weight_multiplies_the_loss_not_the_target():
     """Lens fault: ``pull_weight`` scaled the target direction instead of weighting the loss."""
     states, frozen, directions = _two_language_batch()
-    one = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(1.0, 1.0, 1.0, 2.0))
+    one = lens_losses(
+        states, frozen, X_AXIS, directions, 0, LensObjective(1.0, 1.0, 1.0, 2.0), Y_AXIS
+    )
     for name in ("pull", "push", "retain"):
         weights = {"pull_weight": 1.0, "push_weight": 1.0, "retain_weight": 1.0}
         weights[f"{name}_weight"] = 7.0
         out = lens_losses(
-            states, frozen, X_AXIS, directions, 0, LensObjective(**weights, alpha=2.0)
+            states, frozen, X_AXIS, directions, 0, LensObjective(**weights, alpha=2.0), Y_AXIS
         )
         assert out[name].item() == pytest.approx(one[name].item())  # term unchanged
         assert out["loss"].item() == pytest.approx(one["loss"].item() + 6 * one[name].item())
@@ -110,8 +136,8 @@ def test_weight_multiplies_the_loss_not_the_target():
 
 def test_alpha_changes_push_only():
     states, frozen, directions = _two_language_batch()
-    a = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=1.0))
-    b = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=3.0))
+    a = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=1.0), Y_AXIS)
+    b = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=3.0), Y_AXIS)
     assert a["pull"].item() == b["pull"].item() and a["retain"].item() == b["retain"].item()
     assert a["push"].item() == pytest.approx(0.0) and b["push"].item() == pytest.approx(2.0)
 
@@ -123,7 +149,7 @@ def test_any_weight_may_be_zero(off):
     weights = {"pull_weight": 1.0, "push_weight": 1.0, "retain_weight": 1.0}
     weights[f"{off}_weight"] = 0.0
     states.requires_grad_(True)
-    out = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(**weights))
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(**weights), Y_AXIS)
     assert off not in out
     out["loss"].backward()
     assert torch.isfinite(states.grad).all()
@@ -135,6 +161,15 @@ def test_only_one_term_left():
     assert set(out) == {"loss", "retain"} and out["loss"].item() == pytest.approx(0.5)
 
 
+def test_complement_pull_in_lens_losses():
+    states, frozen, directions = _two_language_batch()
+    objective = LensObjective(pull_space="complement")
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, objective)
+    assert out["pull"].item() == pytest.approx(4.5)  # (2, 3) minus its x part: 9 / 2
+    with pytest.raises(ValueError, match="agnostic direction"):
+        lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective())
+
+
 def test_all_zero_weights_or_bad_values_are_errors():
     with pytest.raises(ValueError, match="nothing to train"):
         LensObjective(0.0, 0.0, 0.0)
@@ -142,13 +177,15 @@ def test_all_zero_weights_or_bad_values_are_errors():
         LensObjective(pull_weight=-1.0)
     with pytest.raises(ValueError, match="alpha"):
         LensObjective(alpha=float("nan"))
+    with pytest.raises(ValueError, match="pull_space"):
+        LensObjective(pull_space="everything")
 
 
 def test_frozen_states_get_no_gradient():
     states, frozen, directions = _two_language_batch()
     frozen.requires_grad_(True)
     states.requires_grad_(True)
-    lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective())["loss"].backward()
+    lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(), Y_AXIS)["loss"].backward()
     assert frozen.grad is None
     # pull moves the target, not the central language (the anchor is the frozen state)
     assert states.grad[0, 1].abs().sum() > 0
@@ -157,8 +194,14 @@ def test_frozen_states_get_no_gradient():
 def test_central_index_other_than_zero():
     states, frozen, directions = _two_language_batch()
     swapped = lens_losses(
-        states.flip(1), frozen.flip(1), X_AXIS, directions.flip(0), 1, LensObjective(alpha=2.0)
+        states.flip(1),
+        frozen.flip(1),
+        X_AXIS,
+        directions.flip(0),
+        1,
+        LensObjective(alpha=2.0),
+        Y_AXIS,
     )
-    straight = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=2.0))
+    straight = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=2.0), Y_AXIS)
     for key in straight:
         assert swapped[key].item() == pytest.approx(straight[key].item())

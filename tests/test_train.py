@@ -186,7 +186,15 @@ def test_fast_and_plain_losses_and_gradients_match(arch, kind, tokenizer):
             for p in params.values():
                 p.add_(0.05 * torch.randn_like(p))
         module = LensTrainingModule(
-            model, subspace.specific_basis, directions, 0, 2, [2, 3], "last", config.objective()
+            model,
+            subspace.specific_basis,
+            directions,
+            0,
+            2,
+            [2, 3],
+            "last",
+            config.objective(),
+            agnostic=subspace.agnostic,
         )
         results = {}
         for fast in (True, False):
@@ -507,12 +515,15 @@ def test_representation_report_by_hand():
     after[:, 0, 0, 1] += 0.5  # central moves a little
     report = representation_report(before, after, subspace, ["en", "fr"], [7], alpha=2.0)
     fr = report["layers"][7]["languages"]["fr"]
-    assert fr["agnostic_gap_before"] == pytest.approx(2.0)
-    assert fr["agnostic_gap_after"] == pytest.approx(0.5)  # 2 - 1 - 0.5 (central moved up)
-    assert fr["shrink"] == pytest.approx(0.75)
+    # in 2-d the agnostic direction (y) is the whole complement of the specific subspace (x)
+    for gap in ("along_agnostic", "outside_specific"):
+        assert fr[f"gap_{gap}_before"] == pytest.approx(2.0)
+        assert fr[f"gap_{gap}_after"] == pytest.approx(0.5)  # 2 - 1 - 0.5 (central moved up)
+        assert fr[f"shrink_{gap}"] == pytest.approx(0.75)
     assert fr["push_ratio"] == pytest.approx(1.0)
     # central states (1,3),(1,-1): variance 4 per item; displacement 0.25 -> 0.0625
     assert report["summary"]["retain_mse_rel"] == pytest.approx(0.0625)
+    assert report["summary"]["shrink_along_agnostic"] == pytest.approx(0.75)
     assert fr["retrieval_before"] == pytest.approx(1.0)
 
 
@@ -610,7 +621,7 @@ def test_real_model_training_moves_heldout_states(tmp_path):
         progress=False,
     )
     summary = result["report"]["summary"]
-    assert summary["agnostic_gap_shrink"] > 0.2, result["report_markdown"]
+    assert summary["shrink_along_agnostic"] > 0.2, result["report_markdown"]
     assert summary["retain_mse_rel"] < 0.1, result["report_markdown"]
     assert summary["retrieval_after"] >= summary["retrieval_before"] - 0.1
 
