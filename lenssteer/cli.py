@@ -479,7 +479,11 @@ def _add_compare(subparsers) -> None:
         "all four built-in tasks)",
     )
     parser.add_argument(
-        "--adapter", action="append", default=[], help="add a Lens system (repeatable)"
+        "--adapter",
+        action="append",
+        default=[],
+        help="Lens adapter folder: replaces the config's Lens adapter, or adds a Lens system "
+        "(repeatable)",
     )
     parser.add_argument(
         "--subspace", help="add the remove-specific baseline from this subspace folder"
@@ -543,8 +547,14 @@ def _run_compare(args: argparse.Namespace) -> int:
         ]
     if not config.systems:
         config.systems = [SystemConfig("base")]
-    for number, adapter in enumerate(args.adapter, 1):
-        name = "lens" if number == 1 else f"lens-{number}"
+    adapters = list(args.adapter)
+    configured = [system for system in config.systems if system.kind == "lens"]
+    if adapters and configured:  # --adapter replaces the config's (first) Lens adapter
+        configured[0].adapter = adapters.pop(0)
+    names = {system.name for system in config.systems}
+    for adapter in adapters:
+        name = next(n for n in ["lens", *(f"lens-{k}" for k in range(2, 99))] if n not in names)
+        names.add(name)
         config.systems.append(SystemConfig(name, kind="lens", adapter=adapter))
     if args.subspace:
         config.systems.append(

@@ -391,3 +391,24 @@ def test_real_model_comparison(tmp_path):
     # SmolLM2 answers an English prompt in English.
     assert summary["language-fidelity"]["fidelity_whole_answer"]["base"]["en"]["score"] == 1.0
     assert (tmp_path / "report" / "language-fidelity.png").stat().st_size < 200_000
+
+
+def test_cli_adapter_flag_replaces_the_configs_adapter(setup, tokenizer, tmp_path):
+    root, model = setup
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'model = "{folder}"\nlanguages = ["en", "de"]\n'
+        f'[tasks.toy]\nfile = "{root / "toy.jsonl"}"\nlimit = 2\n'
+        '[systems.base]\nkind = "base"\n'
+        '[systems.lens]\nkind = "lens"\nadapter = "checkpoints/not-made-yet"\n'
+    )
+    out = tmp_path / "report"
+    argv = ["compare", "--config", str(config), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--adapter", str(root / "adapter")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["metadata"]["systems"]["lens"]["adapter"] == str(root / "adapter")
+    assert {o["system"] for o in report["outcomes"]} == {"base", "lens"}
+    assert main(argv) == 2  # without the flag, the config's missing adapter is a clear error
