@@ -463,7 +463,7 @@ def _add_compare(subparsers) -> None:
         help="score base model, Lens adapters, XTransplant and subspace baselines side by side",
         description="Score every system on identical items with identical settings (tasks: "
         "mmlu-translated, bible-continuation, bible-retrieval, language-fidelity, or JSON/JSONL "
-        "task files) and write report.md, report.json and one PNG per task: scores with 95%% "
+        "task files) and write report.md, report.json and one PNG per task: scores with 95% "
         "intervals and differences to the base model (paired bootstrap). Flags override the "
         "config file.",
         epilog=EPILOG,
