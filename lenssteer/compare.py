@@ -242,11 +242,17 @@ class ModelScorer:
         self.config = config
         self.progress = progress
 
+    skip_languages: set[str] = set()  # languages whose outcomes the runner takes from elsewhere
+
     def steer(self, language: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def supports(self, language: str) -> bool:
-        return True
+        return language not in self.skip_languages
+
+    def generation_groups(self, languages: Sequence[str]) -> list[list[str]]:
+        """Languages that can share one generation batch (steering that ignores the language)."""
+        return [list(languages)] if languages else []
 
     def score_options(
         self,
@@ -338,7 +344,12 @@ class BaselineScorer(ModelScorer):
 
     def supports(self, language: str) -> bool:
         allowed = self.baseline.languages()
-        return allowed is None or language in allowed
+        return super().supports(language) and (allowed is None or language in allowed)
+
+    def generation_groups(self, languages: Sequence[str]) -> list[list[str]]:
+        if self.baseline.mode == "remove-specific":
+            return super().generation_groups(languages)
+        return [[language] for language in languages]  # the shift depends on the language
 
     def steer(self, language: str) -> contextlib.AbstractContextManager:
         return self.baseline.steer(self.model, language)
@@ -353,7 +364,17 @@ class TransplantScorer(ModelScorer):
         self.granularity = granularity
 
     def supports(self, language: str) -> bool:
-        return language == self.config.central_language or language in self.pairs
+        return super().supports(language) and (
+            language == self.config.central_language or language in self.pairs
+        )
+
+    def generation_groups(self, languages: Sequence[str]) -> list[list[str]]:
+        """Target languages that share a (source, target) pair; the central language alone."""
+        groups: dict[Any, list[str]] = {}
+        for language in languages:
+            key = "central" if language == self.config.central_language else self.pairs[language]
+            groups.setdefault(key, []).append(language)
+        return list(groups.values())
 
     def score_options(self, contexts, options, donors, add_special_tokens, language, description):
         if donors is None or language == self.config.central_language:
@@ -736,6 +757,9 @@ def _retrieval_unit(task: RetrievalTask, texts, tokenizer, model, config) -> _Un
 
 
 def _generation_units(task: GenerationTask, prompts, tokenizer, config) -> list[_Unit]:
+    """One unit for all languages: a system generates for several languages in one batch when its
+    steering does not depend on the language (:meth:`ModelScorer.generation_groups`), which makes
+    the memory-bound decoding steps several times cheaper on a CPU."""
     from lenssteer.extract import format_texts
 
     template = _use_template(tokenizer, None)
@@ -744,60 +768,73 @@ def _generation_units(task: GenerationTask, prompts, tokenizer, config) -> list[
         language: format_texts(tokenizer, [text for _, text in rows], template)
         for language, rows in prompts.items()
     }
-    units = []
-    for language, rows in prompts.items():
-        donors = formatted.get(central) if language != central else None
 
-        def run(scorer, system, language=language, rows=rows, donors=donors):
+    def run(scorer, system):
+        languages = [lang for lang in prompts if scorer.supports(lang)]
+        outcomes = []
+        for group in scorer.generation_groups(languages):
+            texts = [text for lang in group for text in formatted[lang]]
+            donors = None
+            if central in formatted and central not in group:
+                donors = [text for _ in group for text in formatted[central]]
             answers = scorer.generate(
-                formatted[language],
+                texts,
                 donors,
                 not template,
-                language,
+                group[0],
                 task.max_new_tokens,
-                f"{system} | {task.name} {language}",
+                f"{system} | {task.name} {','.join(group)}",
                 task.batch_size,
             )
-            ids = [item_id for item_id, _ in rows]
-            judged = [
-                strip_copied(answer, message)
-                for answer, (_, message) in zip(answers, rows, strict=True)
-            ]
-            detected = [detect_language(text) for text in judged]
-            detected_raw = [detect_language(answer) for answer in answers]
-            details = [
-                {
-                    "answer": answer,
-                    "detected": found,
-                    "detected_whole_answer": found_raw,
-                    "copied_from_prompt": text != " ".join(answer.split()),
-                }
-                for answer, text, found, found_raw in zip(
-                    answers, judged, detected, detected_raw, strict=True
+            start = 0
+            for language in group:
+                rows = prompts[language]
+                outcomes += _fidelity_outcomes(
+                    task, system, language, rows, answers[start : start + len(rows)]
                 )
-            ]
-            return [
-                Outcomes(
-                    task.name,
-                    "fidelity",
-                    system,
-                    language,
-                    ids,
-                    [float(found == language) for found in detected],
-                    details,
-                ),
-                Outcomes(
-                    task.name,
-                    "fidelity_whole_answer",
-                    system,
-                    language,
-                    ids,
-                    [float(found == language) for found in detected_raw],
-                ),
-            ]
+                start += len(rows)
+        return outcomes
 
-        units.append(_Unit(task, language, language, run, replayable=False))
-    return units
+    return [_Unit(task, "all languages", None, run, replayable=False)]
+
+
+def _fidelity_outcomes(task, system, language, rows, answers) -> list[Outcomes]:
+    ids = [item_id for item_id, _ in rows]
+    judged = [
+        strip_copied(answer, message) for answer, (_, message) in zip(answers, rows, strict=True)
+    ]
+    detected = [detect_language(text) for text in judged]
+    detected_raw = [detect_language(answer) for answer in answers]
+    details = [
+        {
+            "answer": answer,
+            "detected": found,
+            "detected_whole_answer": found_raw,
+            "copied_from_prompt": text != " ".join(answer.split()),
+        }
+        for answer, text, found, found_raw in zip(
+            answers, judged, detected, detected_raw, strict=True
+        )
+    ]
+    return [
+        Outcomes(
+            task.name,
+            "fidelity",
+            system,
+            language,
+            ids,
+            [float(found == language) for found in detected],
+            details,
+        ),
+        Outcomes(
+            task.name,
+            "fidelity_whole_answer",
+            system,
+            language,
+            ids,
+            [float(found == language) for found in detected_raw],
+        ),
+    ]
 
 
 def _units(task: Task, data, tokenizer, model, config) -> list[_Unit]:
@@ -907,11 +944,10 @@ def run_comparison(
             for prepared in order:
                 name = prepared.config.name
                 clock = time.perf_counter()
-                if (
-                    prepared.config.kind == "xtransplant"
-                    and unit.language == config.central_language
-                    and base is not None
-                ):
+                central_from_base = (
+                    prepared.config.kind == "xtransplant" and base is not None and base_outcomes
+                )
+                if central_from_base and unit.language == config.central_language:
                     found = [replace(o, system=name) for o in base_outcomes]
                 else:
                     if prepared is base and replay is not None:
@@ -923,8 +959,16 @@ def run_comparison(
                     with _activate(prepared, model, tokenizer, config, progress) as scorer:
                         if unit.language is not None and not scorer.supports(unit.language):
                             continue
+                        if central_from_base and unit.language is None:
+                            scorer.skip_languages = {config.central_language}
                         with sharing:
                             found = unit.run(scorer, name)
+                        if central_from_base and unit.language is None:
+                            found += [
+                                replace(o, system=name)
+                                for o in base_outcomes
+                                if o.language == config.central_language
+                            ]
                 if prepared is base:
                     base_outcomes = found
                 outcomes.extend(found)

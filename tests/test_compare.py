@@ -164,6 +164,8 @@ def test_every_system_on_identical_items(setup, tokenizer, tmp_path):
         base = by_key[(task, metric, "base", "en")]["details"]
         transplanted = by_key[(task, metric, "xtransplant", "en")]["details"]
         assert _flat(base) == pytest.approx(_flat(transplanted), abs=1e-3)
+    base_answers = by_key[("language-fidelity", "fidelity", "base", "en")]["details"]
+    assert by_key[("language-fidelity", "fidelity", "xtransplant", "en")]["details"] == base_answers
     # The adapter and the baseline change the scores; afterwards the model is the base model again.
     base_ll = _flat(by_key[("toy", "acc", "base", "de")]["details"])
     for system in ("lens", "remove-specific", "xtransplant", "shift"):
