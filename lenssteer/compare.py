@@ -506,16 +506,16 @@ def _resolve_pairs(
     n_layers = len(find_decoder_layers(model))
     targets = [lang for lang in config.languages if lang != config.central_language]
     if system.select_on_dev:
-        prepared.pairs.update(
-            _select_pairs_on_dev(
-                model, tokenizer, config, system, targets, exclude_ids, n_layers, progress
-            )
+        chosen, dev_ids = _select_pairs_on_dev(
+            model, tokenizer, config, system, targets, exclude_ids, n_layers, progress
         )
+        prepared.pairs.update(chosen)
         prepared.description["selection"] = {
             "task": "mmlu-translated",
-            "dev_items_per_language": system.select_on_dev,
+            "dev_items_per_language": len(dev_ids),
+            "dev_item_ids": sorted(dev_ids),
             "mode": system.select_mode,
-            "disjoint_from_scored_items": True,
+            "disjoint_from_scored_items": not (set(dev_ids) & exclude_ids),
         }
     if system.source_layer is not None and system.target_layer is not None:
         fixed = tuple(
@@ -528,8 +528,11 @@ def _resolve_pairs(
 
 def _select_pairs_on_dev(
     model, tokenizer, config, system, targets, exclude_ids, n_layers, progress
-) -> dict[str, tuple[int, int]]:
-    """Best pair per language on ``mmlu-translated`` dev items that are not scored in this run."""
+) -> tuple[dict[str, tuple[int, int]], set[str]]:
+    """Best pair per language on ``mmlu-translated`` dev items that are not scored in this run.
+
+    Returns the pairs and the dev item ids. Ties: :func:`lenssteer.transplant.select_pair`.
+    """
     from lenssteer.task_registry import deterministic_sample
     from lenssteer.transplant import (
         grid_pairs,
@@ -541,7 +544,7 @@ def _select_pairs_on_dev(
     task = get_task("mmlu-translated")
     available = [lang for lang in targets if lang in task.languages]
     if not available:
-        return {}
+        return {}, set()
     items = task.items([config.central_language, *available])
     common = [i.id for i in items[config.central_language] if i.id not in exclude_ids]
     dev_ids = deterministic_sample(common, system.select_on_dev, "xtransplant-dev", config.seed)
@@ -565,7 +568,7 @@ def _select_pairs_on_dev(
         answers = torch.tensor([item.answer for item in rows])
         correct = grid.transplant.argmax(-1) == answers.unsqueeze(1)
         chosen[language] = tuple(grid.pairs[select_pair(correct, grid.pairs)])  # type: ignore[assignment]
-    return chosen
+    return chosen, dev_ids
 
 
 @contextlib.contextmanager

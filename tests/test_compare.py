@@ -414,3 +414,32 @@ def test_cli_adapter_flag_replaces_the_configs_adapter(setup, tokenizer, tmp_pat
     assert report["metadata"]["systems"]["lens"]["adapter"] == str(root / "adapter")
     assert {o["system"] for o in report["outcomes"]} == {"base", "lens"}
     assert main(argv) == 2  # without the flag, the config's missing adapter is a clear error
+
+
+def test_xtransplant_pairs_from_file_and_from_dev_selection(setup, tokenizer, tmp_path):
+    from lenssteer.transplant import save_selected_pairs
+
+    root, model = setup
+    pairs = tmp_path / "selected_pairs.json"
+    save_selected_pairs(pairs, {"de": {"ffn": {"source_layer": 2, "target_layer": 1}}})
+    config = CompareConfig(
+        languages=["en", "de"],
+        out=str(tmp_path / "r"),
+        tasks=[TaskConfig("mmlu-translated", limit=2)],
+        systems=[
+            SystemConfig("base"),
+            SystemConfig("from-file", kind="xtransplant", pairs_file=str(pairs)),
+            SystemConfig("from-dev", kind="xtransplant", select_on_dev=3),
+        ],
+    )
+    document = run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
+    systems = document["metadata"]["systems"]
+    assert systems["from-file"]["pairs"] == {"de": [2, 1]}
+    chosen = systems["from-dev"]["pairs"]["de"]
+    assert 0 <= chosen[0] < 4 and chosen[1] == 0  # target-first grid
+    selection = systems["from-dev"]["selection"]
+    assert selection["disjoint_from_scored_items"] is True and len(selection["dev_item_ids"]) == 3
+    scored_ids = {i for o in document["outcomes"] for i in o["item_ids"]}
+    assert not scored_ids & set(selection["dev_item_ids"])
+    scored = {o["system"] for o in document["outcomes"]}
+    assert scored == {"base", "from-file", "from-dev"}
