@@ -377,9 +377,14 @@ class TransplantScorer(ModelScorer):
         return list(groups.values())
 
     def score_options(self, contexts, options, donors, add_special_tokens, language, description):
-        if donors is None or language == self.config.central_language:
+        if language == self.config.central_language:
             return super().score_options(
                 contexts, options, None, add_special_tokens, language, description
+            )
+        if donors is None:
+            raise ValueError(
+                f"XTransplant needs the {self.config.central_language!r} version of every item as "
+                f"donor, and some {language!r} items have none ({description})"
             )
         from lenssteer.transplant import transplant_loglikelihoods
 
@@ -409,9 +414,14 @@ class TransplantScorer(ModelScorer):
         description,
         batch_size=None,
     ):
-        if donors is None or language == self.config.central_language:
+        if language == self.config.central_language:
             return super().generate(
                 prompts, None, add_special_tokens, language, max_new_tokens, description, batch_size
+            )
+        if donors is None:
+            raise ValueError(
+                f"XTransplant needs the {self.config.central_language!r} prompts as donors "
+                f"({description})"
             )
         from lenssteer.transplant import transplant_generate
 
@@ -1060,7 +1070,8 @@ def _systems_note(systems: Sequence[_PreparedSystem]) -> str:
         elif d["kind"] == "xtransplant":
             text = (
                 f"XTransplant central -> target, {d['granularity']}, (source, target) pairs "
-                f"{d.get('pairs', {})}; central-language items unpatched"
+                f"{d.get('pairs', {})}; central-language items unpatched (the base model's "
+                "rows); scored by lenssteer.transplant, which pads on the left"
             )
         else:
             text = "the model as it is"
