@@ -745,7 +745,7 @@ def plot_task(
     columns = _columns(systems)
     names = list(systems)
     width = 0.8 / max(1, len(names))
-    figure, axes = plt.subplots(figsize=(max(5.0, 1.1 * len(columns) + 2), 3.4), dpi=90)
+    figure, axes = plt.subplots(figsize=(max(5.0, 1.1 * len(columns) + 2), 3.8), dpi=90)
     x = np.arange(len(columns))
     for k, system in enumerate(names):
         scores, lows, highs = [], [], []
@@ -773,7 +773,13 @@ def plot_task(
     axes.set_ylabel(f"{metric} (%)")
     axes.set_ylim(0, 100)
     axes.set_title(title or f"{task}: {metric} (95% intervals)", fontsize=10)
-    axes.legend(fontsize=7, ncol=min(len(names), 5), loc="upper center", frameon=False)
+    axes.legend(
+        fontsize=7,
+        ncol=min(len(names), 5),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.1),
+        frameon=False,
+    )
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
