@@ -43,7 +43,8 @@ def measure_pairs(
     """Per-pair seconds of both ways, alternating item by item; medians and the speed-up.
 
     Per item: ``slow_pairs`` random pairs from scratch (donor pass + full recipient pass each),
-    then the item's whole grid by the fast path (its time divided by the number of pairs).
+    then the item's whole grid by the fast path (its time divided by the number of pairs), then a
+    one-pair grid, whose difference gives the marginal cost of a pair.
     """
     n_layers = num_decoder_layers(model)
     pairs = grid_pairs(mode, n_layers)
@@ -54,7 +55,18 @@ def measure_pairs(
     formatted = [format_multiple_choice(tokenizer, item) for item in recipients]
     generator = torch.Generator().manual_seed(seed)
 
-    fast, slow, tokens = [], [], []
+    def run_grid(i: int, activations, grid: list[tuple[int, int]]) -> None:
+        transplant_grid(
+            model,
+            tokenizer,
+            [formatted[i].text],
+            [formatted[i].continuations],
+            activations,
+            grid,
+            control=False,
+        )
+
+    fast, slow, marginal, tokens = [], [], [], []
     for i in range(len(recipients)):
         tokens.append(len(tokenizer(formatted[i].text, add_special_tokens=False)["input_ids"]))
         # From scratch: a few random pairs of the grid, each a donor pass + a recipient pass.
@@ -75,16 +87,15 @@ def measure_pairs(
         activations = record_donor_activations(
             model, tokenizer, donor_prompts[i : i + 1], granularities=[granularity]
         )
-        transplant_grid(
-            model,
-            tokenizer,
-            [formatted[i].text],
-            [formatted[i].continuations],
-            activations,
-            pairs,
-            control=False,
-        )
-        fast.append((time.perf_counter() - started) / len(pairs))
+        grid_started = time.perf_counter()
+        run_grid(i, activations, pairs)
+        finished = time.perf_counter()
+        fast.append((finished - started) / len(pairs))
+        # Marginal: what one more pair adds once the donor and the prefix are paid for.
+        started = time.perf_counter()
+        run_grid(i, activations, pairs[:1])
+        one_pair = time.perf_counter() - started
+        marginal.append(max(0.0, (finished - grid_started - one_pair) / max(1, len(pairs) - 1)))
         if log is not None:
             log(
                 f"item {i + 1}/{len(recipients)}: {tokens[-1]} prompt tokens, from scratch "
@@ -100,6 +111,9 @@ def measure_pairs(
         "slow_median_s": slow_median,
         "fast_median_s": fast_median,
         "speedup": slow_median / fast_median,
+        "marginal_s": marginal,
+        "marginal_median_s": statistics.median(marginal),
+        "marginal_speedup": slow_median / max(statistics.median(marginal), 1e-9),
     }
 
 
@@ -145,7 +159,9 @@ def main() -> None:
         f"{len(result['slow_s'])})\n"
         f"per pair, fast grid:    {result['fast_median_s']:.4f} s (median of "
         f"{len(result['fast_s'])}; donor and prefix amortised over the grid)\n"
-        f"speed-up: {result['speedup']:.1f}x"
+        f"per pair, fast grid, marginal (beyond the shared donor and prefix passes): "
+        f"{result['marginal_median_s']:.4f} s\n"
+        f"speed-up: {result['speedup']:.1f}x amortised, {result['marginal_speedup']:.0f}x marginal"
     )
 
 

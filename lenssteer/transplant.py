@@ -70,6 +70,7 @@ __all__ = [
     "answer_probability",
     "dev_heldout_split",
     "encode_prompts",
+    "format_grid_summary",
     "generate_transplanted",
     "grid_pairs",
     "load_selected_pairs",
@@ -1047,9 +1048,12 @@ def plot_accuracy_heatmap(
 ) -> None:
     """A PNG heatmap of accuracy over (source, target); pairs not in the grid stay blank.
 
-    Drawn on an Agg canvas without touching the global matplotlib backend; written atomically.
+    Sources run up the y axis and targets along x; a grid with one target (``target-first``) is
+    drawn as a horizontal strip with sources along x. Drawn on an Agg canvas without touching the
+    global matplotlib backend; written atomically.
     """
     import io
+    import textwrap
 
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1060,9 +1064,14 @@ def plot_accuracy_heatmap(
     grid = np.full((len(sources), len(targets)), np.nan)
     for (s, t), value in zip(pairs, pair_accuracy, strict=True):
         grid[sources.index(s), targets.index(t)] = value
-    width = min(12.0, 2.6 + 0.32 * len(targets))
-    height = min(10.0, 1.6 + 0.22 * len(sources))
-    figure = Figure(figsize=(max(width, 3.4), max(height, 2.5)), dpi=100)
+    strip = len(targets) == 1
+    if strip:  # rows = targets, columns = sources
+        grid = grid.T
+    rows, columns = grid.shape
+    row_labels, column_labels = (targets, sources) if strip else (sources, targets)
+    width = min(12.0, max(4.8, 2.8 + 0.32 * columns))
+    height = min(10.0, max(2.8, 1.8 + 0.22 * rows))
+    figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     image = axes.imshow(
@@ -1072,15 +1081,15 @@ def plot_accuracy_heatmap(
     colorbar.set_label("accuracy")
     if base_accuracy is not None:
         colorbar.ax.axhline(base_accuracy, color="red", linewidth=2)
-    step_t = max(1, len(targets) // 12)
-    step_s = max(1, len(sources) // 12)
-    axes.set_xticks(range(0, len(targets), step_t), [str(t) for t in targets[::step_t]])
-    axes.set_yticks(range(0, len(sources), step_s), [str(s) for s in sources[::step_s]])
-    axes.set_xlabel("target layer t (recipient)")
-    axes.set_ylabel("source layer s (donor)")
+    step_x, step_y = max(1, columns // 16), max(1, rows // 16)
+    axes.set_xticks(range(0, columns, step_x), [str(c) for c in column_labels[::step_x]])
+    axes.set_yticks(range(0, rows, step_y), [str(r) for r in row_labels[::step_y]])
+    source_label, target_label = "source layer s (donor)", "target layer t (recipient)"
+    axes.set_xlabel(source_label if strip else target_label)
+    axes.set_ylabel(target_label if strip else source_label)
     if base_accuracy is not None:
-        title = f"{title}\nbase {base_accuracy:.3f} (red line on the colour bar)".strip()
-    axes.set_title(title, fontsize=9)
+        title = f"{title}; base {base_accuracy:.3f} (red line on the colour bar)"
+    axes.set_title(textwrap.fill(title, width=int(width * 11)), fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
