@@ -33,6 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Threads that wait sleep instead of spinning: on a shared, oversubscribed CPU, spinning OpenMP
+# threads made a decoding step 4-8x slower and its time erratic (0.45 s vs 1.3-3.8 s measured).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from bench_common import Row, isolated_env, load_average, machine_info, versions  # noqa: E402

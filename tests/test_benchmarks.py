@@ -88,7 +88,7 @@ def test_extract_throughput_rows(loaded):
 
     tokenizer, model = loaded
     rows = bench_extract.throughput(model, tokenizer, n_texts=3, batch_size=2, rounds=1)
-    check_rows(rows, "1.", count=2)
+    check_rows(rows, "1.", count=3)
     assert rows[0].details["tokens"] > 0
 
 

@@ -134,3 +134,36 @@ def test_bad_inputs(tokenizer):
         extract_states(model, tokenizer, TEXTS, [4], cache_dir=False)
     with pytest.raises(ValueError, match="text #2 is empty"):
         extract_states(model, tokenizer, ["ok", "  "], [0], cache_dir=False)
+
+
+def test_common_prefix_length_leaves_each_sequence_a_token():
+    from lenssteer.extract import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical: one token each remains
+    assert common_prefix_length([[7, 8]]) == 1
+    assert common_prefix_length([[1, 2], [3, 4]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("arch", ARCHS_FOR_PADDING)
+def test_shared_prefix_gives_the_same_states(arch, pooling, tokenizer):
+    """The chat template's common prefix runs once; the vectors equal a full pass per batch."""
+    from conftest import make_tiny_model
+
+    from lenssteer.extract import common_prefix_length
+
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    prompts = format_texts(tokenizer, TEXTS, chat_template=True)
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    assert common_prefix_length(encoded) > 16  # longer than gemma3's tiny sliding window
+    kwargs = dict(pooling=pooling, chat_template=True, batch_size=2, cache_dir=False)
+    shared = extract_states(model, tokenizer, TEXTS, [1, 3], progress=False, **kwargs)
+    full = extract_states(
+        model, tokenizer, TEXTS, [1, 3], progress=False, share_prefix=False, **kwargs
+    )
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    # and a text alone (its prefix is then all but its last token) agrees with the batch
+    alone = extract_states(model, tokenizer, TEXTS[3:4], [1, 3], progress=False, **kwargs)
+    torch.testing.assert_close(alone[0], full[3], atol=1e-4, rtol=1e-4)
