@@ -41,6 +41,7 @@ __all__ = [
     "load_average",
     "machine_info",
     "median",
+    "paired_ratio",
     "memory_window",
     "versions",
 ]
@@ -72,18 +73,25 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def paired_ratio(baseline: list[float], ours: list[float]) -> float:
+    """Median of ``ours[i] / baseline[i]``: each pair ran back to back, so shared load cancels."""
+    if len(baseline) != len(ours) or not baseline:
+        raise ValueError("paired_ratio needs two non-empty lists of the same length")
+    return statistics.median(o / b for b, o in zip(baseline, ours, strict=True))
+
+
 def alternate(
-    ways: dict[str, Callable[[], float | None]], rounds: int, warmup: int = 1
+    ways: dict[str, Callable[[], float | None]], rounds: int, warmup: int = 1, offset: int = 0
 ) -> dict[str, list[float]]:
     """Run every way once per round (order rotated each round); seconds of each run, per way.
 
     A way may return its own measured seconds (to leave set-up out); otherwise it is timed whole.
-    ``warmup`` rounds run first and are not recorded.
+    ``warmup`` rounds run first and are not recorded; ``offset`` shifts the first round's order.
     """
     names = list(ways)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(warmup + rounds):
-        shift = round_index % len(names)
+        shift = (round_index + offset) % len(names)
         for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
             measured = ways[name]()

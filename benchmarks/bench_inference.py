@@ -1,15 +1,19 @@
 """Steered inference: next-token latency and generation throughput, steered against the base model.
 
-Three ways, alternated in one process with the order rotated each round:
+Three ways in one process, each its own copy of the model:
 
 * **base**: the model as loaded;
-* **LoRA (unmerged)**: ``SteeringAdapter.apply(model)`` (PEFT LoRA modules on the trained layers),
-  removed again after the round;
-* **merged**: ``SteeringAdapter.merge`` into a copy of the model (the LoRA folded into the weights).
+* **LoRA (unmerged)**: ``SteeringAdapter.apply`` on a copy (PEFT LoRA modules on the trained
+  layers);
+* **merged**: ``SteeringAdapter.merge`` into a copy (the LoRA folded into the weights).
 
-Per way and round: *next-token latency* is the median time of single-token decoding steps on a
-KV cache (batch 1, greedy, after a prefill of a chat-formatted prompt); *tokens/s* is
-``model.generate`` of a fixed number of new tokens (greedy, batch 1, prefill included).
+*Next-token latency*: single-token greedy decoding steps on a KV cache (batch 1, after a prefill
+of a chat-formatted prompt); the three ways take turns step by step, the order rotated at every
+step, so a change of machine load hits them alike; the median step per way. *Tokens/s*:
+``model.generate`` of a fixed number of new tokens (greedy, batch 1, prefill included), one call
+per way and round, alternated. The targets are within a few per cent, closer than the load noise
+of a shared machine, so each ratio is the median of the paired ratios (steered / base of the same
+step, or of the same round) rather than the ratio of the two medians; both medians are shown.
 
 The adapter is the one shipped under ``checkpoints/`` for this model when there is one; otherwise a
 LoRA adapter on the top 2 layers (rank 8, every linear module, PEFT's initialisation of A and random
@@ -30,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import Row, alternate, median  # noqa: E402
+from bench_common import Row, alternate, median, paired_ratio  # noqa: E402
 
 from lenssteer.adapter import AdapterConfig, SteeringAdapter, base_model_description  # noqa: E402
 from lenssteer.extract import format_texts  # noqa: E402
@@ -80,20 +84,28 @@ def random_lora_adapter(model, n_layers: int = 2, rank: int = 8, seed: int = 0) 
     return SteeringAdapter(adapter_config, weights, lora_dict)
 
 
-@torch.no_grad()
-def decode_steps(model, input_ids: torch.Tensor, steps: int) -> list[float]:
-    """Seconds of each single-token greedy decoding step after a prefill of ``input_ids``."""
-    output = model(input_ids=input_ids, use_cache=True)
-    cache = output.past_key_values
-    token = output.logits[:, -1].argmax(-1, keepdim=True)
-    seconds = []
-    for _ in range(steps):
+class Decoder:
+    """Greedy decoding one token at a time on a KV cache, restartable from the prompt."""
+
+    def __init__(self, model, input_ids: torch.Tensor) -> None:
+        self.model, self.input_ids = model, input_ids
+        self.restart()
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        output = self.model(input_ids=self.input_ids, use_cache=True)
+        self.cache = output.past_key_values
+        self.token = output.logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """Seconds of one decoding step."""
         started = time.perf_counter()
-        output = model(input_ids=token, past_key_values=cache, use_cache=True)
-        seconds.append(time.perf_counter() - started)
-        cache = output.past_key_values
-        token = output.logits[:, -1].argmax(-1, keepdim=True)
-    return seconds
+        output = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+        elapsed = time.perf_counter() - started
+        self.cache = output.past_key_values
+        self.token = output.logits[:, -1].argmax(-1, keepdim=True)
+        return elapsed
 
 
 @torch.no_grad()
@@ -132,37 +144,38 @@ def steered_inference(
     text = format_texts(tokenizer, [PROMPT], chat)[0]
     input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    merged = adapter.merge(copy.deepcopy(model))
-    latency: dict[str, list[float]] = {"base": [], "lora": [], "merged": []}
-    generate: dict[str, list[float]] = {"base": [], "lora": [], "merged": []}
-
-    def measure(name: str, target) -> float:
-        steps = decode_steps(target, input_ids, decode_tokens)
-        latency[name].append(median(steps))
-        seconds = generation_seconds(target, input_ids, generate_tokens, pad_id)
-        generate[name].append(seconds)
-        return sum(steps) + seconds
-
-    def lora() -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            applied = adapter.apply(model)
-        try:
-            return measure("lora", applied.model)
-        finally:
-            applied.remove()
-
-    ways = {
-        "base": lambda: measure("base", model),
-        "lora": lora,
-        "merged": lambda: measure("merged", merged),
-    }
-    alternate(ways, rounds, warmup=1)
-    for values in (*latency.values(), *generate.values()):
-        del values[0]  # the warm-up round
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = {
+            "base": model,
+            "lora": adapter.apply(copy.deepcopy(model)).model,
+            "merged": adapter.merge(copy.deepcopy(model)),
+        }
+    # Latency: the three ways take turns step by step (order rotated), so load changes hit all.
+    decoders = {name: Decoder(m, input_ids) for name, m in models.items()}
+    latency: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(rounds + 1):  # the first round warms up
+        for decoder in decoders.values():
+            decoder.restart()
+        for step in range(decode_tokens):
+            ways = {n: d.step for n, d in decoders.items()}
+            times = alternate(ways, 1, warmup=0, offset=step)
+            if round_index:
+                for name, values in times.items():
+                    latency[name] += values
+    # Tokens/s: one generate() call per way and round, alternated.
+    generate = alternate(
+        {
+            name: (lambda m=m: generation_seconds(m, input_ids, generate_tokens, pad_id))
+            for name, m in models.items()
+        },
+        rounds,
+        warmup=1,
+    )
     shape = (
-        f"prompt {input_ids.shape[1]} tokens, batch 1, {decode_tokens} decode steps and "
-        f"generate({generate_tokens} new tokens) per way and round, {rounds} rounds"
+        f"prompt {input_ids.shape[1]} tokens, batch 1; latency: median of {rounds} x "
+        f"{decode_tokens} decoding steps per way, the ways taking turns step by step; tokens/s: "
+        f"generate({generate_tokens} new tokens, prefill included), {rounds} alternated rounds"
     )
     details = {"latency_s": latency, "generate_s": generate, "adapter": source, "setup": shape}
     rows = []
@@ -170,7 +183,7 @@ def steered_inference(
         ("lora", "LoRA applied (unmerged)", 1.10),
         ("merged", "merged", 1.02),
     ):
-        ratio = median(latency[way]) / median(latency["base"])
+        ratio = paired_ratio(latency["base"], latency[way])
         rows.append(
             Row(
                 section="4. steered inference",
@@ -186,7 +199,7 @@ def steered_inference(
         )
         base_rate = generate_tokens / median(generate["base"])
         way_rate = generate_tokens / median(generate[way])
-        ratio = base_rate / way_rate
+        ratio = paired_ratio(generate["base"], generate[way])
         rows.append(
             Row(
                 section="4. steered inference",
@@ -196,7 +209,7 @@ def steered_inference(
                 ratio=ratio,
                 target=f"<= {target:.2f}x",
                 met=ratio <= target,
-                note=f"adapter: {source}",
+                note=f"{shape}; adapter: {source}",
                 details=details,
             )
         )

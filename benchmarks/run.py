@@ -53,19 +53,34 @@ SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"n_texts": 2, "batch_size": 2, "rounds": 1, "memory_batch": 2, "memory": False},
     ),
     "train": (
-        {"batch_items": 2, "repeats": 3, "languages": "en,fr,de,es,ru", "memory": True},
-        {"batch_items": 1, "repeats": 1, "languages": "en,fr", "memory": False},
+        {
+            "batch_items": 2,
+            "repeats": 3,
+            "languages": "en,fr,de,es,ru",
+            "memory": True,
+            "reference_copy": True,
+        },
+        {
+            "batch_items": 1,
+            "repeats": 1,
+            "languages": "en,fr",
+            "memory": False,
+            "reference_copy": False,
+        },
     ),
     "transplant": ({"items": 3, "slow_pairs": 2}, {"items": 1, "slow_pairs": 1}),
     "inference": (
-        {"rounds": 5, "decode_tokens": 8, "generate_tokens": 16},
+        {"rounds": 7, "decode_tokens": 10, "generate_tokens": 8},
         {"rounds": 1, "decode_tokens": 2, "generate_tokens": 2},
     ),
     "machine": (
         {"sizes": (1024, 2048), "shapes": ((1, 128), (8, 128)), "rounds": 3},
         {"sizes": (512,), "shapes": ((1, 16), (2, 32)), "rounds": 1},
     ),
-    "scaling": ({"base_items": 4, "rounds": 1}, {"base_items": 1, "rounds": 1}),
+    "scaling": (
+        {"base_items": 4, "rounds": 1, "train": True},
+        {"base_items": 1, "rounds": 1, "train": False},
+    ),
 }
 
 
@@ -97,7 +112,7 @@ def _train_args(model_name: str, size: dict[str, Any]) -> argparse.Namespace:
         languages=size["languages"],
         batch_items=size["batch_items"],
         repeats=size["repeats"],
-        reference_copy=True,
+        reference_copy=size["reference_copy"],
     )
 
 
@@ -123,9 +138,12 @@ def run_train(model_name: str, loaded, size: dict[str, Any]) -> tuple[list[Row],
 
     args = _train_args(model_name, size)
     timing = bench_train.run_timing(args)
+    reference = (
+        "a frozen reference copy" if args.reference_copy else "the adapter disabled as reference"
+    )
     shape = (
-        f"LoRA on layers {timing['trained_layers']}, {timing['batch']}, plain path with a frozen "
-        f"reference copy; {args.repeats} alternating rounds after a warm-up; one-off precompute "
+        f"LoRA on layers {timing['trained_layers']}, {timing['batch']}, plain path with "
+        f"{reference}; {args.repeats} alternating rounds after a warm-up; one-off precompute "
         f"of the fast path {timing['precompute_s_per_item']:.2f} s per item"
     )
     rows = [
@@ -183,7 +201,14 @@ def run_transplant(model_name: str, loaded, size: dict[str, Any]) -> tuple[list[
             met=result["speedup"] >= 10,
             note=f"mmlu-translated en->de, ffn, target-first grid ({result['n_pairs']} pairs), "
             f"{result['items']} items alternating with {size['slow_pairs']} from-scratch pairs "
-            f"each, median prompt {result['median_prompt_tokens']} tokens",
+            f"each, median prompt {result['median_prompt_tokens']} tokens; the fast figure "
+            "amortises the donor and prefix passes over the grid"
+            + (
+                f"; marginal cost of one more pair {result['marginal_median_s']:.4f} s "
+                f"({result['marginal_speedup']:.0f}x)"
+                if "marginal_median_s" in result
+                else ""
+            ),
             details=result,
         )
     ], ""
@@ -209,7 +234,7 @@ def run_scaling(model_name: str, loaded, size: dict[str, Any]) -> tuple[list[Row
     tokenizer, model = loaded
     points = None if size["base_items"] > 1 else [(1, 2), (2, 2)]
     rows, table = bench_scaling.scaling(
-        model, tokenizer, size["base_items"], size["rounds"], points=points
+        model, tokenizer, size["base_items"], size["rounds"], points=points, train=size["train"]
     )
     lines = [
         "| items x languages | texts | real tokens | extraction s | kept MB | precompute s | "
@@ -282,11 +307,15 @@ def render(
         "processes shared the CPU, so absolute times are inflated and noisy; the ratios come from "
         "ways alternated in the same process and are the numbers to read.",
         "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in context["versions"].items()) + ".",
-        f" Model: `{context['model']}` (fp32, CPU).",
+        "Versions: "
+        + ", ".join(f"{k} {v}" for k, v in context["versions"].items())
+        + f". Model: `{context['model']}` (fp32, CPU). Environment: "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}.",
         "",
         "Ratios are oriented like their target: speed-ups are plain / ours, latency and "
-        "slowdowns are steered / base, throughput and memory are ours / plain.",
+        "slowdowns are steered / base, throughput and memory are ours / plain. Each is the ratio "
+        "of the two medians, except in section 4, where it is the median of paired ratios (see "
+        "its details).",
         "",
         summary_table(rows),
         "",

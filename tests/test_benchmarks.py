@@ -66,6 +66,18 @@ def test_alternate_uses_the_seconds_a_way_returns():
     assert times == {"x": [1.5, 1.5]}
 
 
+def test_alternate_offset_shifts_the_order():
+    calls: list[str] = []
+    bench_common.alternate({n: (lambda n=n: calls.append(n)) for n in "ab"}, 1, warmup=0, offset=1)
+    assert calls == ["b", "a"]
+
+
+def test_paired_ratio_is_the_median_of_pairs():
+    assert bench_common.paired_ratio([1.0, 2.0, 4.0], [1.1, 2.0, 40.0]) == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        bench_common.paired_ratio([1.0], [])
+
+
 def test_memory_window_reports_growth():
     import torch
 
@@ -126,8 +138,8 @@ def test_inference_rows(loaded):
         model, tokenizer, rounds=1, decode_tokens=2, generate_tokens=2
     )
     check_rows(rows, "4.", count=4)
-    assert len(rows[0].details["latency_s"]["lora"]) == 1
-    # the base model is left as it was: the LoRA is removed, the merge went into a copy
+    assert len(rows[0].details["latency_s"]["lora"]) == 2  # rounds x decoding steps
+    # the base model is left as it was: the LoRA and the merge went into copies
     after = dict(model.named_parameters())
     assert set(after) == set(before)
     assert all((after[n] == before[n]).all() for n in before)
