@@ -316,7 +316,8 @@ class ModelScorer:
         chat_template: bool,
         description: str,
     ) -> torch.Tensor | None:
-        """``(n, hidden)`` states at absolute ``layer``; never cached (the model may be steered)."""
+        """``(n, hidden)`` states at absolute ``layer``; never cached on disk (the model may be
+        steered), and without extract's shared-prefix KV cache (incompatible with replay)."""
         from lenssteer.extract import extract_states
 
         with self.steer(language):
@@ -331,6 +332,7 @@ class ModelScorer:
                 cache_dir=False,
                 progress=self.progress,
                 description=description,
+                share_prefix=False,  # no KV cache: the lower layers may be replayed
             )
         return states[:, 0]
 

@@ -253,7 +253,8 @@ class LowerLayerReplay:
     in call order; inside :meth:`replay`, the same forward calls (same inputs, same batches, same
     order) skip layers ``0 .. first_changed_layer - 1`` and take the stored output instead. The
     result is exact (tests compare against the full computation); a replayed call whose shape does
-    not match the stored one, or a different number of calls, is an error, never a silent reuse.
+    not match the stored one, a different number of calls, or a call that carries a KV cache is an
+    error, never a silent reuse.
     Only layers that return a plain tensor (every transformers 5 decoder) can be replayed;
     otherwise :attr:`supported` turns False and callers compute in full.
     """
@@ -297,6 +298,9 @@ class LowerLayerReplay:
         position = {"next": 0}
 
         def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+            if kwargs.get("past_key_values") is not None:
+                # Skipped layers would leave their part of the cache empty: refuse, never guess.
+                raise RuntimeError("a forward call with a KV cache cannot be replayed")
             return args[0] if args else kwargs["hidden_states"]
 
         def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:

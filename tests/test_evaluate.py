@@ -259,7 +259,15 @@ def test_replay_equals_full_computation(arch, tokenizer):
     def run():
         scores = loglikelihoods(model, tokenizer, REQUESTS, batch_size=2)
         states = extract_states(
-            model, tokenizer, texts, [3], batch_size=2, cache_dir=False, progress=False
+            model,
+            tokenizer,
+            texts,
+            [3],
+            chat_template=True,
+            batch_size=2,
+            cache_dir=False,
+            progress=False,
+            share_prefix=False,
         )
         return scores, states
 
@@ -301,6 +309,15 @@ def test_replay_out_of_step_is_an_error(llama, tokenizer):
     with pytest.raises(RuntimeError, match="out of step"):
         with replay.replay():
             pass  # fewer calls than recorded
+    from lenssteer.extract import extract_states
+
+    texts = ["one text", "another text"]
+    kwargs = dict(chat_template=True, cache_dir=False, progress=False)
+    with replay.record():
+        extract_states(llama, tokenizer, texts, [3], **kwargs)
+    with pytest.raises(RuntimeError, match="KV cache cannot be replayed"):
+        with replay.replay():  # extract's shared chat-template prefix runs with a KV cache
+            extract_states(llama, tokenizer, texts, [3], **kwargs)
     assert "forward" not in vars(find_layer(llama, 0))
 
 
