@@ -41,8 +41,12 @@ def machine_limit(
     sizes: Sequence[int] = (1024, 2048),
     shapes: Sequence[tuple[int, int]] = ((1, 128), (8, 128)),
     rounds: int = 3,
+    bf16_size: int | None = 2048,
 ) -> list[Row]:
-    """Rows: matmul GFLOP/s (the limit) and each batch shape's forward GFLOP/s as a fraction of it."""
+    """Rows: matmul GFLOP/s (the limit) and each batch shape's forward GFLOP/s as a fraction of it.
+
+    ``bf16_size``: also report a bf16 matmul of that size (for reference; the model runs in fp32).
+    """
     generator = torch.Generator().manual_seed(0)
     matrices = {n: (torch.randn(n, n, generator=generator), torch.randn(n, n)) for n in sizes}
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -69,6 +73,13 @@ def machine_limit(
         return run
 
     ways = {f"matmul {n}": matmul(n) for n in sizes}
+    if bf16_size:
+        a16, b16 = (torch.randn(bf16_size, bf16_size, dtype=torch.bfloat16) for _ in range(2))
+
+        def matmul_bf16() -> None:
+            torch.mm(a16, b16)
+
+        ways[f"matmul bf16 {bf16_size}"] = matmul_bf16
     ways |= {f"forward {b}x{s}": forward((b, s)) for b, s in shapes}
     times = alternate(ways, rounds, warmup=1)
     gflops = {f"matmul {n}": [2 * n**3 / t / 1e9 for t in times[f"matmul {n}"]] for n in sizes}
@@ -77,6 +88,9 @@ def machine_limit(
         gflops[name] = [2 * n_params * b * s / t / 1e9 for t in times[name]]
     best = max(sizes, key=lambda n: median(gflops[f"matmul {n}"]))
     limit = median(gflops[f"matmul {best}"])
+    if bf16_size:
+        name = f"matmul bf16 {bf16_size}"
+        gflops[name] = [2 * bf16_size**3 / t / 1e9 for t in times[name]]
     details = {"gflops": gflops, "seconds": times, "flop_parameters": n_params}
     rows = [
         Row(
@@ -91,6 +105,22 @@ def machine_limit(
             details=details,
         )
     ]
+    if bf16_size:
+        bf16 = median(gflops[f"matmul bf16 {bf16_size}"])
+        rows.append(
+            Row(
+                section="5. machine limit",
+                name=f"bf16 matmul GFLOP/s (n={bf16_size}), for reference",
+                baseline=f"{limit:.1f} GFLOP/s fp32",
+                ours=f"{bf16:.1f} GFLOP/s",
+                ratio=bf16 / limit,
+                target="report",
+                met=None,
+                note="the same product in bfloat16 (AMX/AVX-512-BF16 where the CPU has them); "
+                "the ratio is bf16 over the fp32 limit",
+                details=details,
+            )
+        )
     largest = max(shapes, key=lambda shape: shape[0] * shape[1])
     for b, s in shapes:
         achieved = median(gflops[f"forward {b}x{s}"])

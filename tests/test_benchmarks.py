@@ -122,10 +122,10 @@ def test_machine_limit_rows(loaded):
 
     tokenizer, model = loaded
     rows = bench_machine.machine_limit(
-        model, tokenizer, sizes=(64,), shapes=((1, 8), (2, 8)), rounds=1
+        model, tokenizer, sizes=(64,), shapes=((1, 8), (2, 8)), rounds=1, bf16_size=64
     )
-    check_rows(rows, "5.", count=3)
-    assert rows[0].ratio is None and rows[2].met is not None
+    check_rows(rows, "5.", count=4)  # fp32 limit, bf16 reference, two forwards
+    assert rows[0].ratio is None and rows[1].met is None and rows[3].met is not None
     assert bench_machine.flop_parameters(model) < sum(p.numel() for p in model.parameters())
 
 
