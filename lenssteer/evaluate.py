@@ -762,8 +762,9 @@ def plot_task(
                 highs.append(0.0)
             else:
                 scores.append(100 * score)
-                lows.append(100 * (score - cell["low"]))
-                highs.append(100 * (cell["high"] - score))
+                # A percentile bootstrap interval may, rarely, not contain the estimate: clip.
+                lows.append(max(0.0, 100 * (score - cell["low"])))
+                highs.append(max(0.0, 100 * (cell["high"] - score)))
         axes.bar(
             x + (k - (len(names) - 1) / 2) * width,
             scores,
