@@ -35,6 +35,7 @@ import io
 import math
 import platform
 import statistics
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -861,7 +862,12 @@ def write_report(
     markdown.append(markdown_tables(summary, task_notes, reference_system))
     with atomic_directory(out) as scratch:
         for task, metric in document["primary_metrics"].items():
-            png = plot_task(task, metric, summary[task][metric])
+            try:
+                png = plot_task(task, metric, summary[task][metric])
+            except Exception as error:  # a plot must never cost the numbers of a long run
+                warnings.warn(f"no plot for {task}: {error!r}", stacklevel=2)
+                markdown.append(f"(no plot for {task}: {error!r})\n")
+                continue
             (scratch / f"{task}.png").write_bytes(png)
             markdown.append(f"![{task}]({task}.png)\n")
         atomic_write_json(scratch / "report.json", document)
