@@ -259,10 +259,11 @@ mode stalls it) and the torch profiler, on the default model:
   sets `OMP_WAIT_POLICY=PASSIVE` before torch loads (it must be set before the OpenMP runtime
   starts). Not changed in the package: users on shared machines should export it (or use fewer
   threads); the CLI could set it by default, which is the lead's call.
-- **Measuring memory honestly.** With glibc's adaptive allocation threshold, freed tensors stay
-  in the heap, and the same extraction measured +62 MB or +180 MB from run to run; memory
-  subprocesses run with `MALLOC_MMAP_THRESHOLD_=131072`, which makes the resident size follow
-  the live tensors.
+- **Measuring memory honestly.** In fresh processes the same extraction first measured anywhere
+  from +62 to +215 MB: glibc's adaptive allocation threshold keeps freed blocks in the heap, and a
+  process's first pass pays one-off costs (library workspaces, the worker thread's arena, about
+  60 MB). Memory subprocesses now run with `MALLOC_MMAP_THRESHOLD_=131072` (the resident size
+  follows the live tensors) and measure a second pass of the same batch: +43 MB, run after run.
 - **What is not ours**: fp32 decoding at batch 1 is bound by reading the 2 GB of weights per
   token; bf16 weights would halve the bytes read, a different precision from the one measured
   here.

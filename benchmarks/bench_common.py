@@ -8,7 +8,7 @@ variant (:func:`isolated`): the peak resident set size (``VmHWM``, reset through
 Those processes run with ``MALLOC_MMAP_THRESHOLD_=131072``: every allocation above 128 KB is its
 own mapping, returned to the system when freed, so the resident size follows the live tensors.
 (With glibc's default, adaptive threshold, freed blocks stay in the heap and the same work
-measured +62 MB or +180 MB from one run to the next.)
+measured anywhere from +62 MB to +215 MB from one process to the next.)
 """
 
 from __future__ import annotations
@@ -131,13 +131,9 @@ def isolated(target: str, timeout: float = 900, **kwargs: Any) -> dict[str, Any]
         "--kwargs",
         json.dumps(kwargs),
     ]
-    import torch
-
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=isolated_env()
     )
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same threads as the caller
-    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{target} failed in its subprocess:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
