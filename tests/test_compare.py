@@ -443,3 +443,57 @@ def test_xtransplant_pairs_from_file_and_from_dev_selection(setup, tokenizer, tm
     assert not scored_ids & set(selection["dev_item_ids"])
     scored = {o["system"] for o in document["outcomes"]}
     assert scored == {"base", "from-file", "from-dev"}
+
+
+def make_lora_adapter(model, layer: int) -> SteeringAdapter:
+    """A LoRA adapter on one decoder layer's attention projections, with non-zero weights."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[layer])
+    peft_model = get_peft_model(copy.deepcopy(model), lora)
+    generator = torch.Generator().manual_seed(1)
+    weights = {
+        name: torch.randn(tensor.shape, generator=generator) * 0.5
+        for name, tensor in get_peft_model_state_dict(peft_model).items()
+    }
+    config = AdapterConfig(
+        kind="lora",
+        base_model=base_model_description(model),
+        trained_layers=[layer],
+        languages=["en", "de"],
+        central_language="en",
+    )
+    return SteeringAdapter(config, weights, lora.to_dict())
+
+
+def test_lora_adapter_unit_by_unit(setup, tokenizer, tmp_path):
+    """A LoRA adapter is applied and removed for every unit; it steers, and replay stays exact."""
+    root, model = setup
+    make_lora_adapter(model, 3).save_pretrained(tmp_path / "lora")
+    config = CompareConfig(
+        languages=["en", "de"],
+        out=str(tmp_path / "r"),
+        tasks=[
+            TaskConfig("toy", file=str(root / "toy.jsonl")),
+            TaskConfig("bible-retrieval", limit=3),
+        ],
+        systems=[
+            SystemConfig("base"),
+            SystemConfig("lens", kind="lens", adapter=str(tmp_path / "lora")),
+        ],
+    )
+    kwargs = dict(progress=False, loaded=(tokenizer, model), write=False)
+    shared = run_comparison(config, **kwargs)
+    full = run_comparison(config, share_lower_layers=False, **kwargs)
+    by_key = {(o["task"], o["system"], o["language"]): o for o in shared["outcomes"]}
+    for o in full["outcomes"]:
+        if o["task"] == "toy":
+            assert _flat(o["details"]) == pytest.approx(
+                _flat(by_key[("toy", o["system"], o["language"])]["details"]), abs=1e-4
+            )
+    assert _flat(by_key[("toy", "lens", "de")]["details"]) != pytest.approx(
+        _flat(by_key[("toy", "base", "de")]["details"]), abs=1e-4
+    )
+    assert not hasattr(model, "_lenssteer_applied") and not hasattr(model, "peft_config")
