@@ -542,6 +542,11 @@ def get_task(name_or_path: str, **settings: Any) -> Task:
             setattr(task, key, tuple(value) if isinstance(value, list) else value)
         return task
     if re.search(r"\.jsonl?$", name_or_path, re.IGNORECASE):
+        unknown = sorted(set(settings) - {"name", "scoring"})
+        if unknown:
+            raise TaskError(
+                f"task file {name_or_path}: unknown setting(s) {unknown}; known: scoring"
+            )
         return load_task_file(name_or_path, **settings)
     raise TaskError(
         f"unknown task {name_or_path!r}; built-in tasks: {', '.join(tasks)}, or a path to a "
