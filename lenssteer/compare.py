@@ -1027,7 +1027,13 @@ def run_comparison(
 
         return {
             "metadata": metadata,
-            "summary": summarize(outcomes, config.reference_system),
+            "summary": summarize(
+                outcomes,
+                config.reference_system,
+                n_resamples=config.bootstrap_resamples,
+                seed=config.seed,
+                central_language=config.central_language,
+            ),
             "outcomes": [asdict(o) for o in outcomes],
         }
     return write_report(
@@ -1040,6 +1046,7 @@ def run_comparison(
         notes=_systems_note(systems),
         n_resamples=config.bootstrap_resamples,
         seed=config.seed,
+        central_language=config.central_language,
     )
 
 
@@ -1082,18 +1089,19 @@ def _systems_note(systems: Sequence[_PreparedSystem]) -> str:
 
 
 def format_summary(document: Mapping[str, Any]) -> str:
-    """A short console summary: each task's primary metric, average over languages, per system."""
+    """A short console summary: each task's primary metric over the target languages, per system."""
     lines = []
     for task, metric in document.get("primary_metrics", {}).items():
         systems = document["summary"][task][metric]
         parts = []
+        column = "targets" if any("targets" in c for c in systems.values()) else "average"
         for system, cells in systems.items():
-            cell = cells.get("average") or {}
+            cell = cells.get(column) or {}
             if cell.get("score") is None:
                 continue
             text = f"{system} {100 * cell['score']:.1f}"
             if cell.get("diff") is not None:
                 text += f" ({100 * cell['diff']:+.1f} [{100 * cell['diff_low']:+.1f}, {100 * cell['diff_high']:+.1f}])"
             parts.append(text)
-        lines.append(f"{task} ({metric}, average): " + "; ".join(parts))
+        lines.append(f"{task} ({metric}, {column}): " + "; ".join(parts))
     return "\n".join(lines)

@@ -567,19 +567,25 @@ def _score_cell(outcomes: Outcomes, confidence: float, n_resamples: int, seed: i
     return {"score": mean, "low": low, "high": high, "n": n, "interval": "bootstrap"}
 
 
+AGGREGATES = ("average", "targets")
+
+
 def summarize(
     outcomes: Sequence[Outcomes],
     reference_system: str = "base",
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    central_language: str | None = None,
 ) -> dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]]:
-    """``{task: {metric: {system: {language | "average": cell}}}}`` with scores and differences.
+    """``{task: {metric: {system: {language | "average" | "targets": cell}}}}``.
 
     A cell has ``score``, ``low``, ``high``, ``n`` (items) and, for systems other than the
     reference, ``diff``, ``diff_low``, ``diff_high`` against the reference on the same items. The
     ``"average"`` cell averages the language scores (every language weighs the same) with a
-    stratified bootstrap interval; it covers the languages that every system has.
+    stratified bootstrap interval; it covers the languages that every system has. With
+    ``central_language``, ``"targets"`` does the same over the other languages (only where the
+    central language is among them, else it would repeat ``"average"``).
     """
     table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     index: dict[tuple[str, str, str, str], Outcomes] = {}
@@ -593,28 +599,35 @@ def summarize(
         cells[language] = _score_cell(outcome, confidence, n_resamples, seed)
     for task, metrics in table.items():
         for metric, systems in metrics.items():
-            languages = sorted(set.intersection(*(set(cells) for cells in systems.values())))
+            first = next(iter(systems.values()))
+            common = set.intersection(*(set(cells) for cells in systems.values()))
+            languages = [lang for lang in first if lang in common]  # first system's order
+            aggregates = {"average": languages}
+            if central_language in languages and len(languages) > 1:
+                aggregates["targets"] = [lang for lang in languages if lang != central_language]
             reference = systems.get(reference_system)
             for system, cells in systems.items():
-                groups = [index[(task, metric, system, lang)].values for lang in languages]
-                if languages:
+                for name, langs in aggregates.items():
+                    groups = [index[(task, metric, system, lang)].values for lang in langs]
+                    if not langs:
+                        continue
                     mean, low, high = stratified_bootstrap_mean(
                         groups, n_resamples, seed, confidence
                     )
-                    cells["average"] = {
+                    cells[name] = {
                         "score": mean,
                         "low": low,
                         "high": high,
                         "n": sum(len(g) for g in groups),
                         "interval": "stratified bootstrap",
-                        "languages": languages,
+                        "languages": langs,
                     }
                 if reference is None or system == reference_system:
                     continue
-                for language in [*languages, "average"]:
-                    if language not in cells:
+                for column in [*languages, *aggregates]:
+                    if column not in cells:
                         continue
-                    langs = languages if language == "average" else [language]
+                    langs = aggregates.get(column, [column])
                     mine = [index[(task, metric, system, lang)] for lang in langs]
                     theirs = [index[(task, metric, reference_system, lang)] for lang in langs]
                     for a, b in zip(mine, theirs, strict=True):
@@ -630,7 +643,7 @@ def summarize(
                         seed,
                         confidence,
                     )
-                    cells[language].update({"diff": diff, "diff_low": low, "diff_high": high})
+                    cells[column].update({"diff": diff, "diff_low": low, "diff_high": high})
     return table
 
 
@@ -669,9 +682,10 @@ def _columns(metric_table: Mapping[str, Mapping[str, Any]]) -> list[str]:
     languages: list[str] = []
     for cells in metric_table.values():
         for language in cells:
-            if language != "average" and language not in languages:
+            if language not in AGGREGATES and language not in languages:
                 languages.append(language)
-    return languages + ["average"]
+    present = [a for a in AGGREGATES if any(a in cells for cells in metric_table.values())]
+    return languages + present
 
 
 def markdown_tables(
@@ -815,13 +829,14 @@ def write_report(
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    central_language: str | None = None,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``report.json`` and one PNG per task into folder ``out`` (atomically).
 
     ``primary_metrics`` maps a task to the metric its plot shows (default: its first metric).
     Returns the JSON document.
     """
-    summary = summarize(outcomes, reference_system, confidence, n_resamples, seed)
+    summary = summarize(outcomes, reference_system, confidence, n_resamples, seed, central_language)
     primary_metrics = dict(primary_metrics or {})
     document = {
         "format": "lenssteer-compare-report",
@@ -852,8 +867,8 @@ def write_report(
         "# Comparison report\n",
         *meta_lines,
         "",
-        "Scores in percent with 95% intervals (Wilson per language; stratified bootstrap for the "
-        "average). Differences to "
+        "Scores in percent with 95% intervals (Wilson per language; stratified bootstrap for "
+        "`average`, over all languages, and `targets`, over all but the central one). Differences to "
         f"`{reference_system}` are paired bootstrap intervals over the same items; `*` marks an "
         "interval that excludes zero.\n",
     ]

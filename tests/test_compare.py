@@ -306,7 +306,7 @@ def test_cli_compare_end_to_end(setup, tokenizer, tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "toy (acc, average): base" in printed and "xtransplant" in printed
+    assert "toy (acc, targets): base" in printed and "xtransplant" in printed
     report = json.loads((out / "report.json").read_text())
     assert {o["system"] for o in report["outcomes"]} == {"base", "xtransplant"}
     assert all(len(o["item_ids"]) == 3 for o in report["outcomes"])

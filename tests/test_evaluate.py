@@ -209,6 +209,16 @@ def test_summarize_scores_and_differences():
     assert "diff" not in cells["base"]["en"]
 
 
+def test_summarize_targets_column():
+    summary = summarize(_outcomes(), central_language="en")
+    cells = summary["toy"]["acc"]["steered"]
+    assert cells["targets"]["languages"] == ["de"]
+    assert cells["targets"]["score"] == pytest.approx(0.6)
+    assert cells["targets"]["diff"] == pytest.approx(0.2)
+    assert cells["average"]["languages"] == ["en", "de"]
+    assert "targets" not in summarize(_outcomes())["toy"]["acc"]["steered"]
+
+
 def test_summarize_refuses_different_items():
     made = _outcomes()
     made[1].item_ids = [f"other{i}" for i in range(20)]
