@@ -587,6 +587,46 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# bench
+
+
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the benchmarks (a source checkout's benchmarks/run.py) and write RESULTS.md",
+        description="Every performance comparison side by side (extraction, training step, "
+        "XTransplant grid, steered inference, machine limit, scaling), as "
+        "'python benchmarks/run.py' runs them. A full run writes benchmarks/RESULTS.md.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--sections", help="comma list (default: all)")
+    parser.add_argument("--skip", help="comma list of sections to leave out")
+    parser.add_argument("--model", help="default: the default bundled model")
+    parser.add_argument("--threads", type=_positive_int, help="torch threads")
+    parser.add_argument("--output", help="write the Markdown report here")
+    parser.add_argument("--json", help="also write every row and raw time here")
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise OSError(
+            f"{script} not found: 'lenssteer bench' runs from a source checkout of lenssteer"
+        )
+    forwarded = ["--quick"] if args.quick else []
+    for name in ("sections", "skip", "model", "threads", "output", "json"):
+        if getattr(args, name) is not None:
+            forwarded += [f"--{name}", str(getattr(args, name))]
+    # A fresh process, so that run.py sets the OpenMP environment before torch starts.
+    return subprocess.call([sys.executable, str(script), *forwarded])
+
+
+# ------------------------------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [
     _add_probe,
@@ -595,6 +635,7 @@ COMMANDS: list[Callable] = [
     _add_train,
     _add_generate,
     _add_compare,
+    _add_bench,
 ]
 
 

@@ -212,3 +212,12 @@ def test_run_rejects_unknown_sections():
 
     with pytest.raises(SystemExit):
         run.main(["--sections", "extract,nope"])
+
+
+def test_cli_bench_runs_the_benchmark_script(tiny_folder, tmp_path):
+    from lenssteer.cli import main
+
+    output = tmp_path / "bench.md"
+    argv = ["bench", "--quick", "--sections", "machine", "--model", tiny_folder]
+    assert main([*argv, "--output", str(output)]) == 0
+    assert "| 5 | fp32 matmul" in output.read_text()
