@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run.py                 # full run (~10-15 min on 2 cores)
     .venv/bin/python benchmarks/run.py --quick         # smoke run, tiny sizes (~2 min)
     .venv/bin/python benchmarks/run.py --sections extract,inference --output /tmp/r.md
+    lenssteer bench --quick                            # the same, through the CLI
 
 Sections: ``extract`` (pooled extraction vs a plain forward; memory), ``train`` (Lens step, fast vs
 plain path; reuses bench_train.py), ``transplant`` (XTransplant grid per pair, fast vs from
