@@ -42,6 +42,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from lenssteer.io import atomic_write_text
+
 __all__ = [
     "BIBLE_VERSIONS",
     "CorpusError",
@@ -416,25 +418,7 @@ class ParallelCorpus:
         for i, item_id in enumerate(self.ids):
             record = {id_key: item_id, **{code: self.texts[code][i] for code in self.texts}}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        _atomic_write_text(Path(path), "".join(lines))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
-        raise
+        atomic_write_text(Path(path), "".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
