@@ -2,7 +2,7 @@
 
 * **fast**: what ``lenssteer.train`` does. The inputs of the first trained layer and the frozen
   states were computed once (``prepare_training_data``); a step runs only the trained top layers
-  (forward + backward + optimizer step).
+  (forward + backward + optimizer step), the chat template's shared prefix once per step.
 * **plain**: what the reference code does each step. A full forward of the trained model for every
   language (``model(...)`` as Hugging Face runs it, LM head included), plus a full forward of the
   frozen reference under ``no_grad`` for the frozen states, then the same losses, backward and
@@ -110,7 +110,8 @@ class Bench:
         self.precompute_s_per_item = (time.perf_counter() - started) / len(corpus)
         subspace = probe_from_data(self.model, self.tokenizer, corpus, self.data)
         self.items = list(range(args.batch_items))
-        self.batch = self.data.collate(self.items, layer_inputs=True, input_ids=True)
+        self.batch = self.data.collate(self.items, layer_inputs=False, input_ids=True)
+        self.fast_batch = self.data.collate(self.items, layer_inputs=True, split_prefix=True)
         self.sequences = int(self.batch["attention_mask"].shape[0])
         self.tokens = int(self.batch["attention_mask"].sum())
         config = TrainConfig(kind=args.kind, n_layers=args.layers)
@@ -136,11 +137,7 @@ class Bench:
     def fast_step(self) -> float:
         started = time.perf_counter()
         self.module.fast = True
-        out = self.module(
-            attention_mask=self.batch["attention_mask"],
-            frozen=self.batch["frozen"],
-            layer_inputs=self.batch["layer_inputs"],
-        )
+        out = self.module(**self.fast_batch)
         out["loss"].backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -34,6 +34,7 @@ interrupted run leaves an earlier adapter there intact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -327,6 +328,14 @@ class TrainingData(torch.utils.data.Dataset):
             tensors = {name: handle.get_tensor(name) for name in cls._TENSORS}
         return cls(**json.loads(meta["header"]), **tensors)
 
+    def with_loss_layers(self, layers: Sequence[int]) -> TrainingData:
+        """The same data keeping the frozen states of ``layers`` only (a subset of ours)."""
+        missing = [layer for layer in layers if layer not in self.loss_layers]
+        if missing:
+            raise TrainingError(f"the precomputed data have no frozen states at layers {missing}")
+        keep = [self.loss_layers.index(layer) for layer in sorted(layers)]
+        return dataclasses.replace(self, loss_layers=sorted(layers), frozen=self.frozen[:, :, keep])
+
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids ``(S,)`` and first-trained-layer inputs ``(S, H)`` of sequence ``index``."""
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
@@ -335,36 +344,56 @@ class TrainingData(torch.utils.data.Dataset):
         return ids, states
 
     def collate(
-        self, items: Sequence[int], layer_inputs: bool = True, input_ids: bool = False
+        self,
+        items: Sequence[int],
+        layer_inputs: bool = True,
+        input_ids: bool = False,
+        split_prefix: bool = False,
     ) -> dict[str, torch.Tensor]:
         """A right-padded batch of ``B`` items (``B*K`` sequences, item-major).
 
-        Returns ``attention_mask (B*K, S)``, ``frozen (B, K, L, H)``, ``item_index (B,)`` and, as
-        asked, ``layer_inputs (B*K, S, H)`` and ``input_ids (B*K, S)``.
+        Returns ``attention_mask (B*K, S)`` (whole sequences), ``frozen (B, K, L, H)``,
+        ``item_index (B,)`` and, as asked, ``input_ids (B*K, S)`` and ``layer_inputs (B*K, S, H)``.
+        With ``split_prefix`` (and a shared prefix), ``layer_inputs`` holds the suffixes only,
+        ``(B*K, S - P, H)``, with ``suffix_mask (B*K, S - P)``, and ``prefix_inputs (P, H)`` the
+        shared prefix once.
         """
-        indices = [int(i) * self.n_languages + k for i in items for k in range(self.n_languages)]
-        sequences = [self.sequence(i) for i in indices]
-        length = max(len(ids) for ids, _ in sequences)
-        hidden = self.suffix_states.shape[-1]
-        mask = torch.zeros(len(sequences), length, dtype=torch.long)
-        batch: dict[str, torch.Tensor] = {}
-        if layer_inputs:
-            states = torch.zeros(len(sequences), length, hidden, dtype=self.suffix_states.dtype)
+        items = [int(i) for i in items]
+        indices = [i * self.n_languages + k for i in items for k in range(self.n_languages)]
+        prefix = len(self.prefix_ids)
+        split = split_prefix and prefix > 0
+        lengths = [int(self.offsets[i + 1] - self.offsets[i]) for i in indices]
+        suffix_width = max(lengths)
+        mask = torch.zeros(len(indices), prefix + suffix_width, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            mask[row, : prefix + length] = 1
+        batch: dict[str, torch.Tensor] = {"attention_mask": mask}
         if input_ids:
-            ids_out = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
-        for row, (ids, seq_states) in enumerate(sequences):
-            mask[row, : len(ids)] = 1
-            if layer_inputs:
-                states[row, : len(ids)] = seq_states
-            if input_ids:
-                ids_out[row, : len(ids)] = ids
-        batch["attention_mask"] = mask
+            ids = torch.full(mask.shape, self.pad_token_id, dtype=torch.long)
+            ids[:, :prefix] = self.prefix_ids
+            for row, i in enumerate(indices):
+                ids[row, prefix : prefix + lengths[row]] = self.token_ids[
+                    self.offsets[i] : self.offsets[i + 1]
+                ]
+            batch["input_ids"] = ids
         if layer_inputs:
+            hidden = self.suffix_states.shape[-1]
+            start = prefix if split else 0
+            states = torch.zeros(
+                len(indices), prefix + suffix_width - start, hidden, dtype=self.suffix_states.dtype
+            )
+            if not split:
+                states[:, :prefix] = self.prefix_states
+            for row, i in enumerate(indices):
+                states[row, prefix - start : prefix - start + lengths[row]] = self.suffix_states[
+                    self.offsets[i] : self.offsets[i + 1]
+                ]
             batch["layer_inputs"] = states
-        if input_ids:
-            batch["input_ids"] = ids_out
-        batch["frozen"] = self.frozen[torch.tensor([int(i) for i in items])]
-        batch["item_index"] = torch.tensor([int(i) for i in items])
+            if split:
+                batch["prefix_inputs"] = self.prefix_states
+                batch["suffix_mask"] = mask[:, prefix:].contiguous()
+        batch["frozen"] = self.frozen[torch.tensor(items)]
+        batch["item_index"] = torch.tensor(items)
         return batch
 
 
@@ -589,6 +618,24 @@ def _lower_layers_skipped(layers: nn.ModuleList, first_layer: int) -> Iterator[N
             layers[i] = layer
 
 
+def _prefix_cache(model: nn.Module, prefix_length: int, first_layer: int, keys, values):
+    """Fill the cache slots of the skipped lower layers with zeros of the prefix's length.
+
+    Those layers never read them; the model reads the cache length from its first slot.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer in range(first_layer):
+        shape = (1, keys[1], prefix_length, keys[3])
+        cache.update(
+            torch.zeros(shape, dtype=keys[0], device=keys[2]),
+            torch.zeros((1, values[1], prefix_length, values[3]), dtype=values[0], device=keys[2]),
+            layer,
+        )
+    return cache
+
+
 def _run_pooled(
     model: nn.Module,
     layers: Sequence[int],
@@ -598,41 +645,94 @@ def _run_pooled(
     layer_inputs: torch.Tensor | None = None,
     input_ids: torch.Tensor | None = None,
     first_layer: int | None = None,
+    prefix_inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     decoder_layers = find_decoder_layers(model, module_names)
-    pooled: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
     top = max(layers)
 
     def make_hook(layer: int):
         def hook(_module, hidden: torch.Tensor) -> None:
-            pooled[layer] = _pool(hidden, attention_mask, pooling)
+            outputs[layer] = hidden
             if layer == top:
                 raise StopForward
 
         return hook
 
-    positions = position_ids_from_mask(attention_mask)
-    with hooked([(decoder_layers[i], make_hook(i)) for i in layers]):
+    def run(**kwargs) -> None:
         try:
-            if layer_inputs is not None:
+            if layer_inputs is None:
+                model(**kwargs)
+            else:
                 decoder = _decoder_of(model, decoder_layers)
                 with _lower_layers_skipped(decoder_layers, first_layer):
-                    decoder(
-                        inputs_embeds=layer_inputs.to(_dtype_of(model)),
-                        attention_mask=attention_mask,
-                        position_ids=positions,
-                        use_cache=False,
-                    )
-            else:
-                model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=positions,
-                    use_cache=False,
-                )
+                    decoder(**kwargs)
         except StopForward:
             pass
-    return torch.stack([pooled[i] for i in layers], dim=1)
+
+    dtype = _dtype_of(model)
+    prefix_sums: dict[int, torch.Tensor] = {}
+    prefix_length = 0
+    with hooked([(decoder_layers[i], make_hook(i)) for i in layers]):
+        if layer_inputs is None:
+            run(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        elif prefix_inputs is None or len(prefix_inputs) == 0:
+            run(
+                inputs_embeds=layer_inputs.to(dtype),
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        else:
+            # The shared prefix runs once; the suffixes attend to its keys and values (which carry
+            # gradients back to the trained layers through the cache).
+            prefix_length = prefix_inputs.shape[0]
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            positions = torch.arange(prefix_length, device=prefix_inputs.device)[None]
+            run(
+                inputs_embeds=prefix_inputs[None].to(dtype),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            prefix_sums = {i: outputs[i][0].float().sum(0) for i in layers}
+            reference = cache.layers[first_layer]
+            keys, values = reference.keys, reference.values
+            filled = _prefix_cache(
+                model,
+                prefix_length,
+                first_layer,
+                (keys.dtype, keys.shape[1], keys.device, keys.shape[3]),
+                (values.dtype, values.shape[1], values.device, values.shape[3]),
+            )
+            for layer in range(first_layer, len(decoder_layers)):
+                filled.layers[layer] = cache.layers[layer]
+            filled.batch_repeat_interleave(layer_inputs.shape[0])
+            ones = torch.ones(
+                attention_mask.shape[0],
+                prefix_length,
+                dtype=attention_mask.dtype,
+                device=attention_mask.device,
+            )
+            run(
+                inputs_embeds=layer_inputs.to(dtype),
+                attention_mask=torch.cat([ones, attention_mask], dim=1),
+                position_ids=position_ids_from_mask(attention_mask) + prefix_length,
+                past_key_values=filled,
+                use_cache=True,
+            )
+    pooled = [
+        _pool(outputs[i], attention_mask, pooling, prefix_sums.get(i), prefix_length)
+        for i in layers
+    ]
+    return torch.stack(pooled, dim=1)
 
 
 def top_layer_states(
@@ -643,11 +743,14 @@ def top_layer_states(
     layers: Sequence[int],
     pooling: str = "last",
     module_names: ModuleNames | None = None,
+    prefix_inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooled outputs of ``layers`` computed from the inputs of ``first_layer`` alone.
 
-    ``layer_inputs``: ``(N, S, H)`` (right padded), ``attention_mask``: ``(N, S)``. Returns
-    ``(N, len(layers), H)``. Lower layers are skipped; gradients flow into the layers that run.
+    ``layer_inputs``: ``(N, S, H)`` (right padded), ``attention_mask``: ``(N, S)``. With
+    ``prefix_inputs`` ``(P, H)``, every sequence is that shared prefix followed by its row of
+    ``layer_inputs`` (the prefix runs once). Returns ``(N, len(layers), H)``. Lower layers are
+    skipped; gradients flow into the layers that run.
     """
     return _run_pooled(
         model,
@@ -657,6 +760,7 @@ def top_layer_states(
         module_names,
         layer_inputs=layer_inputs,
         first_layer=first_layer,
+        prefix_inputs=prefix_inputs,
     )
 
 
@@ -718,6 +822,8 @@ class LensTrainingModule(nn.Module):
         attention_mask: torch.Tensor,
         layer_inputs: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
+        prefix_inputs: torch.Tensor | None = None,
+        suffix_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(B*K, L, H)`` current states at the loss layers, by the fast or the plain path."""
         if self.fast:
@@ -726,11 +832,12 @@ class LensTrainingModule(nn.Module):
             return top_layer_states(
                 self.model,
                 layer_inputs,
-                attention_mask,
+                suffix_mask if prefix_inputs is not None else attention_mask,
                 self.first_layer,
                 self.loss_layers,
                 self.pooling,
                 self.module_names,
+                prefix_inputs=prefix_inputs,
             )
         if input_ids is None:
             raise TrainingError("the plain path needs input_ids")
@@ -745,10 +852,14 @@ class LensTrainingModule(nn.Module):
         layer_inputs: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         item_index: torch.Tensor | None = None,
+        prefix_inputs: torch.Tensor | None = None,
+        suffix_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         if item_index is not None:
             self.items_seen.update(int(i) for i in item_index)
-        states = self.pooled_states(attention_mask, layer_inputs, input_ids)
+        states = self.pooled_states(
+            attention_mask, layer_inputs, input_ids, prefix_inputs, suffix_mask
+        )
         states = states.reshape(frozen.shape)
         return lens_losses(
             states,
@@ -994,12 +1105,11 @@ def train_lens(
             progress=progress,
             module_names=module_names,
         )
-    elif (data.first_layer, data.loss_layers, data.languages) != (
-        trained[0],
-        loss_layers,
-        languages,
-    ):
-        raise TrainingError("the precomputed data were made for other layers or languages")
+    else:
+        if (data.first_layer, data.languages) != (trained[0], languages):
+            raise TrainingError("the precomputed data were made for other layers or languages")
+        if data.loss_layers != loss_layers:
+            data = data.with_loss_layers(loss_layers)
 
     positions = [subspace.layer_position(layer) for layer in loss_layers]
     language_positions = [subspace.language_position(language) for language in languages]
@@ -1022,7 +1132,7 @@ def train_lens(
             module_names=module_names,
             agnostic=agnostic,
         )
-        _check_reproduces_frozen(module, data)
+        _check_reproduces_frozen(module, data, split_prefix=config.share_prefix)
 
         out_path = Path(out_dir) if out_dir is not None else None
         if checkpoint_dir is None:
@@ -1067,7 +1177,10 @@ def train_lens(
             args=args,
             train_dataset=data,
             data_collator=lambda items: data.collate(
-                items, layer_inputs=config.fast, input_ids=not config.fast
+                items,
+                layer_inputs=config.fast,
+                input_ids=not config.fast,
+                split_prefix=config.fast and config.share_prefix,
             ),
             callbacks=list(callbacks),
         )
@@ -1135,19 +1248,26 @@ def _adapter_config(config, base, trained, loss_layers, data, subspace, subspace
     )
 
 
-def _check_reproduces_frozen(module: LensTrainingModule, data: TrainingData) -> None:
+def _check_reproduces_frozen(
+    module: LensTrainingModule, data: TrainingData, split_prefix: bool = True
+) -> None:
     """Refuse to train if the training forward does not reproduce the frozen states at the start."""
     items = list(range(min(4, len(data))))
-    batch = data.collate(items, layer_inputs=module.fast, input_ids=not module.fast)
+    batch = data.collate(
+        items, layer_inputs=module.fast, input_ids=not module.fast, split_prefix=split_prefix
+    )
     device = next(module.model.parameters()).device
+    moved = {k: v.to(device) for k, v in batch.items() if k not in ("frozen", "item_index")}
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
             states = module.pooled_states(
-                batch["attention_mask"].to(device),
-                batch["layer_inputs"].to(device) if module.fast else None,
-                batch["input_ids"].to(device) if not module.fast else None,
+                moved["attention_mask"],
+                moved.get("layer_inputs"),
+                moved.get("input_ids"),
+                moved.get("prefix_inputs"),
+                moved.get("suffix_mask"),
             )
     finally:
         module.train(was_training)
@@ -1220,7 +1340,8 @@ def representation_report(
       ``pull_space="complement"`` trains);
     * ``push_ratio``: mean ``<BᵀB(h_t^after - h_t^before), d_t> / |d_t|²``, to set against ``alpha``;
     * ``retrieval``: central -> target top-1 among the N items (cosine, centred on the subspace's
-      mean of language means), before and after.
+      mean of language means), before and after; ``agnostic_retrieval``: the same on the states
+      with their specific component projected out (what the subspace diagnostics call "after").
 
     For the central language: ``retain_mse_rel`` = mean ``|h_c^after - h_c^before|²`` divided by the
     variance of ``h_c^before`` across items (summed over hidden units). Layer means of the gaps are
@@ -1269,6 +1390,8 @@ def representation_report(
                 "push_ratio": ratio,
                 "retrieval_before": _top1(b[:, c] - centre, b[:, k] - centre),
                 "retrieval_after": _top1(a[:, c] - centre, a[:, k] - centre),
+                "agnostic_retrieval_before": _top1(outside(b[:, c]), outside(b[:, k])),
+                "agnostic_retrieval_after": _top1(outside(a[:, c]), outside(a[:, k])),
             }
         variance = (b[:, c] - b[:, c].mean(0)).pow(2).sum(-1).mean().item()
         displacement = (a[:, c] - b[:, c]).pow(2).sum(-1).mean().item()
@@ -1288,6 +1411,8 @@ def representation_report(
             "push_ratio": mean("push_ratio"),
             "retrieval_before": mean("retrieval_before"),
             "retrieval_after": mean("retrieval_after"),
+            "agnostic_retrieval_before": mean("agnostic_retrieval_before"),
+            "agnostic_retrieval_after": mean("agnostic_retrieval_after"),
             "retain_mse_rel": displacement / variance if variance > 0 else float("nan"),
         }
     top = int(max(layers))
@@ -1335,15 +1460,17 @@ def heldout_report(
     with adapter.apply(model), torch.no_grad():
         for start in range(0, len(data), batch_size):
             items = list(range(start, min(start + batch_size, len(data))))
-            batch = data.collate(items)
+            batch = data.collate(items, split_prefix=True)
+            prefix = batch.get("prefix_inputs")
             states = top_layer_states(
                 model,
                 batch["layer_inputs"].to(device),
-                batch["attention_mask"].to(device),
+                batch["suffix_mask" if prefix is not None else "attention_mask"].to(device),
                 data.first_layer,
                 layers,
                 data.pooling,
                 module_names,
+                prefix_inputs=prefix.to(device) if prefix is not None else None,
             )
             after[items] = states.reshape(len(items), *data.frozen.shape[1:]).cpu()
     alpha = float(config.hyperparameters.get("alpha", 1.0))

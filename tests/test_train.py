@@ -153,18 +153,37 @@ def test_frozen_states_equal_what_probing_extracts(qwen, tokenizer, share_prefix
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral"])
-def test_fast_path_equals_full_forward(arch, tokenizer):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_fast_path_equals_full_forward(arch, pooling, tokenizer):
     model = make_tiny_model(arch, vocab_size=len(tokenizer))
     data = prepare_training_data(
-        model, tokenizer, tiny_corpus(4), 2, [2, 3], "last", True, batch_size=5, progress=False
+        model, tokenizer, tiny_corpus(4), 2, [2, 3], pooling, True, batch_size=5, progress=False
     )
     batch = data.collate([0, 1, 2, 3], layer_inputs=True, input_ids=True)
+    split = data.collate([0, 1, 2, 3], layer_inputs=True, split_prefix=True)
     assert (batch["attention_mask"] == 0).any()  # the batch is padded
+    assert split["prefix_inputs"].shape[0] == len(data.prefix_ids) > 5
     with torch.no_grad():
-        fast = top_layer_states(model, batch["layer_inputs"], batch["attention_mask"], 2, [2, 3])
-        plain = full_forward_states(model, batch["input_ids"], batch["attention_mask"], [2, 3])
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(fast.reshape(data.frozen.shape), data.frozen, atol=1e-5, rtol=1e-4)
+        plain = full_forward_states(
+            model, batch["input_ids"], batch["attention_mask"], [2, 3], pooling
+        )
+        fast = top_layer_states(
+            model, batch["layer_inputs"], batch["attention_mask"], 2, [2, 3], pooling
+        )
+        shared = top_layer_states(  # the shared prefix runs once, through a KV cache
+            model,
+            split["layer_inputs"],
+            split["suffix_mask"],
+            2,
+            [2, 3],
+            pooling,
+            prefix_inputs=split["prefix_inputs"],
+        )
+    for states in (fast, shared):
+        torch.testing.assert_close(states, plain, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            states.reshape(data.frozen.shape), data.frozen, atol=1e-5, rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
@@ -176,7 +195,8 @@ def test_fast_and_plain_losses_and_gradients_match(arch, kind, tokenizer):
     data = prepare_training_data(
         model, tokenizer, corpus, 2, [2, 3], "last", True, batch_size=4, progress=False
     )
-    batch = data.collate([0, 2, 3, 5], layer_inputs=True, input_ids=True)
+    batch = data.collate([0, 2, 3, 5], layer_inputs=True, input_ids=True, split_prefix=True)
+    assert "prefix_inputs" in batch  # the fast path runs the shared prefix once
     config = quick_config(kind=kind)
     directions = subspace.directions.transpose(0, 1)
     with trainable_top_layers(model, [2, 3], config) as trainable:
