@@ -31,7 +31,13 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lenssteer.hooks import StopForward, hooked, last_real_positions, position_ids_from_mask
+from lenssteer.hooks import (
+    hooked,
+    last_real_positions,
+    position_ids_from_mask,
+    run_until_stopped,
+    stop_after,
+)
 from lenssteer.io import atomic_save_tensors
 from lenssteer.models import ModuleNames, cache_root, find_decoder_layers, model_identity
 
@@ -145,22 +151,19 @@ def run_shared_prefix(
     def make_hook(index: int):
         def hook(_module: nn.Module, hidden: torch.Tensor) -> None:
             sums[index] = hidden[0].float().sum(0)
-            if index == top:
-                raise StopForward
 
         return hook
 
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
-    with hooked([(decoder_layers[i], make_hook(i)) for i in layers]):
-        try:
-            model(
-                input_ids=torch.tensor([list(prefix_ids)], device=device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-        except StopForward:
-            pass
+    hooks = [(decoder_layers[i], make_hook(i)) for i in layers]
+    with hooked([*hooks, stop_after(decoder_layers[top])]):
+        run_until_stopped(
+            model,
+            input_ids=torch.tensor([list(prefix_ids)], device=device),
+            past_key_values=cache,
+            use_cache=True,
+        )
     return SharedPrefix(list(prefix_ids), cache, sums)
 
 
@@ -197,8 +200,6 @@ def pooled_states(
                 pooled[index] = total / (mask.sum(1) + prefix_length)
             else:
                 pooled[index] = (hidden.float() * mask).sum(1) / mask.sum(1)
-            if index == top:
-                raise StopForward
 
         return hook
 
@@ -217,11 +218,9 @@ def pooled_states(
             "past_key_values": cache,
             "use_cache": True,
         }
-    with hooked([(decoder_layers[i], make_hook(i)) for i in layers]):
-        try:
-            model(input_ids=input_ids, **kwargs)
-        except StopForward:
-            pass
+    hooks = [(decoder_layers[i], make_hook(i)) for i in layers]
+    with hooked([*hooks, stop_after(decoder_layers[top])]):
+        run_until_stopped(model, input_ids=input_ids, **kwargs)
     return torch.stack([pooled[i] for i in layers], dim=1)
 
 

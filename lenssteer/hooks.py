@@ -90,6 +90,27 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early once every needed layer has run."""
 
 
+def stop_after(module: nn.Module) -> tuple[nn.Module, OutputFn]:
+    """An output hook for :func:`hooked` that ends the forward pass once ``module`` has run.
+
+    List it after the hooks that read ``module``'s output (hooks run in registration order), and
+    make the call with :func:`run_until_stopped`.
+    """
+
+    def stop(_module: nn.Module, _hidden: torch.Tensor) -> None:
+        raise StopForward
+
+    return module, stop
+
+
+def run_until_stopped(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+    """Call ``fn(*args, **kwargs)``; a :class:`StopForward` raised by a hook ends it quietly."""
+    try:
+        fn(*args, **kwargs)
+    except StopForward:
+        pass
+
+
 def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, for left or right padding. ``(batch,)``
 

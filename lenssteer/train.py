@@ -51,7 +51,13 @@ from torch import nn
 
 from lenssteer.adapter import SteeringAdapter, base_model_description
 from lenssteer.extract import format_texts, template_signature
-from lenssteer.hooks import StopForward, hooked, last_real_positions, position_ids_from_mask
+from lenssteer.hooks import (
+    hooked,
+    last_real_positions,
+    position_ids_from_mask,
+    run_until_stopped,
+    stop_after,
+)
 from lenssteer.models import ModuleNames, find_decoder_layers, model_identity
 from lenssteer.objectives import LensObjective, lens_losses
 
@@ -480,13 +486,12 @@ def prepare_training_data(
     def make_output_hook(layer: int):
         def hook(_module, hidden: torch.Tensor) -> None:
             captured[layer] = hidden
-            if layer == top:
-                raise StopForward
 
         return hook
 
     hooks = dict(
-        output_hooks=[(decoder_layers[i], make_output_hook(i)) for i in loss_layers],
+        output_hooks=[(decoder_layers[i], make_output_hook(i)) for i in loss_layers]
+        + [stop_after(decoder_layers[top])],
         input_hooks=[(decoder_layers[first_layer], capture_input)],
     )
 
@@ -501,12 +506,12 @@ def prepare_training_data(
         if prefix_length:
             cache = DynamicCache(config=model.config)
             with hooked(**hooks):
-                try:
-                    model(
-                        input_ids=prefix_ids[None].to(device), past_key_values=cache, use_cache=True
-                    )
-                except StopForward:
-                    pass
+                run_until_stopped(
+                    model,
+                    input_ids=prefix_ids[None].to(device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
             prefix_states = captured["input"][0].float().cpu()
             prefix_sums = {i: captured[i][0].float().sum(0) for i in loss_layers}
 
@@ -540,10 +545,9 @@ def prepare_training_data(
                     full_mask = torch.cat([ones, mask], dim=1)
                     positions = positions + prefix_length
                     kwargs = {"use_cache": True, "past_key_values": batch_cache}
-                try:
-                    model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs)
-                except StopForward:
-                    pass
+                run_until_stopped(
+                    model, input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs
+                )
                 layer_input = captured["input"].float().cpu()
                 real = mask.bool().cpu()
                 for row, i in enumerate(chunk):
@@ -654,26 +658,22 @@ def _run_pooled(
     def make_hook(layer: int):
         def hook(_module, hidden: torch.Tensor) -> None:
             outputs[layer] = hidden
-            if layer == top:
-                raise StopForward
 
         return hook
 
     def run(**kwargs) -> None:
-        try:
-            if layer_inputs is None:
-                model(**kwargs)
-            else:
-                decoder = _decoder_of(model, decoder_layers)
-                with _lower_layers_skipped(decoder_layers, first_layer):
-                    decoder(**kwargs)
-        except StopForward:
-            pass
+        if layer_inputs is None:
+            run_until_stopped(model, **kwargs)
+        else:
+            decoder = _decoder_of(model, decoder_layers)
+            with _lower_layers_skipped(decoder_layers, first_layer):
+                run_until_stopped(decoder, **kwargs)
 
     dtype = _dtype_of(model)
     prefix_sums: dict[int, torch.Tensor] = {}
     prefix_length = 0
-    with hooked([(decoder_layers[i], make_hook(i)) for i in layers]):
+    hooks = [(decoder_layers[i], make_hook(i)) for i in layers]
+    with hooked([*hooks, stop_after(decoder_layers[top])]):
         if layer_inputs is None:
             run(
                 input_ids=input_ids,

@@ -49,10 +49,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lenssteer.hooks import (
-    StopForward,
     hooked,
     last_real_positions,
     position_ids_from_mask,
+    run_until_stopped,
+    stop_after,
 )
 from lenssteer.io import atomic_save_tensors, atomic_write_json, atomic_write_text
 from lenssteer.models import (
@@ -236,24 +237,19 @@ def record_module_outputs(
 
         return hook
 
-    def stop(_module: nn.Module, _hidden: torch.Tensor) -> None:
-        raise StopForward
-
     hooks = []
     for layer in layers:
         modules = find_layer_modules(model, layer, names)
         hooks += [(modules[_MODULE_KEY[g]], recorder(g, layer)) for g in granularities]
-    hooks.append((find_decoder_layers(model, names)[max(layers)], stop))
+    hooks.append(stop_after(find_decoder_layers(model, names)[max(layers)]))
     with hooked(hooks):
-        try:
-            model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-            )
-        except StopForward:
-            pass
+        run_until_stopped(
+            model,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
     return {g: torch.stack([store[g][i] for i in layers], dim=1) for g in granularities}
 
 
