@@ -23,6 +23,33 @@ def resolve_chat_template(tokenizer, chat_template: bool | None) -> bool:
     return chat_template
 
 
+def probe_metadata(
+    model,
+    tokenizer,
+    corpus,
+    pooling: Pooling,
+    chat_template: bool,
+    module_names: ModuleNames | None = None,
+    data_hash: str | None = None,
+) -> dict:
+    """What a subspace records about where its states came from (model, representation, text).
+
+    ``data_hash`` defaults to the corpus's own hash.
+    """
+    identity = model_identity(model)
+    return {
+        "model": identity["model"],
+        "revision": identity["revision"],
+        "fingerprint": identity["fingerprint"],
+        "num_layers": num_decoder_layers(model, module_names),
+        "pooling": pooling,
+        "template": template_signature(tokenizer, chat_template),
+        "corpus": getattr(corpus, "source", "in-memory"),
+        "data_hash": data_hash or corpus.data_hash(),
+        "licences": getattr(corpus, "licences", {}),
+    }
+
+
 def probe(
     model: str,
     corpus: str = "bible",
@@ -63,24 +90,13 @@ def probe(
         progress=progress,
         module_names=module_names,
     )
-    identity = model_identity(lm)
     subspace = compute_subspace(
         states,
         absolute,
         central_language,
         rank=rank,
         seed=seed,
-        metadata={
-            "model": identity["model"],
-            "revision": identity["revision"],
-            "fingerprint": identity["fingerprint"],
-            "num_layers": num_decoder_layers(lm, module_names),
-            "pooling": pooling,
-            "template": template_signature(tokenizer, use_template),
-            "corpus": parallel.source,
-            "data_hash": parallel.data_hash(),
-            "licences": parallel.licences,
-        },
+        metadata=probe_metadata(lm, tokenizer, parallel, pooling, use_template, module_names),
     )
     if out is not None:
         subspace.save(out)

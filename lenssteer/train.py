@@ -1534,27 +1534,15 @@ def probe_from_data(model: nn.Module, tokenizer, corpus, data: TrainingData, ran
 
     Same decomposition and metadata as :func:`lenssteer.probe.probe`, without a second pass.
     """
+    from lenssteer.probe import probe_metadata
     from lenssteer.subspace import compute_subspace
 
-    identity = model_identity(model)
     states = {language: data.frozen[:, k] for k, language in enumerate(data.languages)}
+    metadata = probe_metadata(
+        model, tokenizer, corpus, data.pooling, data.chat_template, data_hash=data.data_hash
+    )
     return compute_subspace(
-        states,
-        data.loss_layers,
-        data.central_language,
-        rank=rank,
-        seed=seed,
-        metadata={
-            "model": identity["model"],
-            "revision": identity["revision"],
-            "fingerprint": identity["fingerprint"],
-            "num_layers": len(find_decoder_layers(model)),
-            "pooling": data.pooling,
-            "template": template_signature(tokenizer, data.chat_template),
-            "corpus": getattr(corpus, "source", "in-memory"),
-            "data_hash": data.data_hash,
-            "licences": getattr(corpus, "licences", {}),
-        },
+        states, data.loss_layers, data.central_language, rank=rank, seed=seed, metadata=metadata
     )
 
 
