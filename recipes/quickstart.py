@@ -14,13 +14,13 @@ English and four target languages:
 5. (unless --skip-compare) `lenssteer compare` with recipes/compare_quickstart.toml, using this
    run's adapter: base vs Lens vs XTransplant vs a subspace baseline on four task kinds.
 
-Everything lands in --out (default runs/quickstart). --ship also copies the adapter to checkpoints/.
+Everything lands in --out (default runs/quickstart). --ship also copies the adapter to checkpoints/
+and the subspace it was trained with to subspaces/.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LANGUAGES = "en,de,es,fr,it"  # the MMLU translations of compare have de, es, fr, it
 SHIPPED_ADAPTER = ROOT / "checkpoints" / "qwen2.5-coder-0.5b-instruct-lens-quickstart"
+SHIPPED_SUBSPACE = ROOT / "subspaces" / "qwen2.5-coder-0.5b-instruct-bible-quickstart"
 TRY_PROMPTS = [
     "Qual è la capitale del Giappone? Rispondi in una frase.",
     "Quelle est la capitale de l'Australie ? Réponds en une phrase.",
@@ -52,16 +53,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ship",
         action="store_true",
-        help=f"copy the adapter to {SHIPPED_ADAPTER.relative_to(ROOT)}",
+        help=f"copy the adapter to {SHIPPED_ADAPTER.relative_to(ROOT)} and its subspace to "
+        f"{SHIPPED_SUBSPACE.relative_to(ROOT)}",
     )
     return parser.parse_args(argv)
+
+
+def ship(out: Path, subspace) -> None:
+    """Copy the adapter and its subspace to checkpoints/ and subspaces/, with repo-relative links."""
+    from lenssteer.adapter import SteeringAdapter
+
+    subspace.save(SHIPPED_SUBSPACE)
+    adapter = SteeringAdapter.from_pretrained(out / "adapter")
+    adapter.config.subspace["path"] = str(SHIPPED_SUBSPACE.relative_to(ROOT))
+    adapter.save_pretrained(SHIPPED_ADAPTER)
+    print(
+        f"[quickstart] shipped {SHIPPED_ADAPTER.relative_to(ROOT)} and its subspace "
+        f"{SHIPPED_SUBSPACE.relative_to(ROOT)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lenssteer.adapter import generate
     from lenssteer.data import load_bible
-    from lenssteer.io import atomic_directory, atomic_write_text
+    from lenssteer.io import atomic_write_text
     from lenssteer.models import load_model
     from lenssteer.probe import format_diagnostics
     from lenssteer.train import run_quickstart_training
@@ -125,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n\nTimings (s): {timings}\n",
     )
     if args.ship:
-        with atomic_directory(SHIPPED_ADAPTER) as scratch:
-            shutil.copytree(out / "adapter", scratch, dirs_exist_ok=True)
-        print(f"[quickstart] adapter shipped to {SHIPPED_ADAPTER}")
+        ship(out, result["subspace"])
 
     if not args.skip_compare:
         from lenssteer.cli import main as lenssteer_main

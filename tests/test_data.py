@@ -60,7 +60,10 @@ def test_bible_public_domain_languages_are_aligned(bible: ParallelCorpus) -> Non
     assert 31_000 < len(bible) <= 31_102  # verses absent or empty in one version are dropped
     assert all(len(bible.texts[code]) == len(bible) for code in BIBLE_LANGUAGES)
     assert all(status.startswith("public-domain") for status in bible.licences.values())
-    assert bible.source == "bible (en=4, fr=l, de=e, ru=r, ar=y)"
+    assert bible.source == (
+        "bible (en: World English Bible 2000, fr: Louis Segond 1910, de: Elberfelder 1932, "
+        "ru: Russian Synodal Translation 1876, ar: Smith & Van Dyke 1865)"
+    )
     genesis = bible.ids.index("bible:1.1.1")
     assert bible.texts["en"][genesis] == "In the beginning God created the heavens and the earth."
     assert bible.texts["fr"][genesis].startswith("Au commencement, Dieu créa les cieux")

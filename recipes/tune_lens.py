@@ -1,0 +1,104 @@
+"""Sweep Lens hyper-parameters on the quickstart's split, one frozen pass for all of them.
+
+Precomputes the training and held-out data of the quickstart (same verses, same seed) once, probes
+the subspace from the training states (as the quickstart does), then for every configuration
+trains an adapter on the fast path and prints one JSON line with the held-out report (and the same
+report on the training items, to tell under-fitting from over-fitting). The table in
+docs/training.md ("Tuning") came from:
+
+    .venv/bin/python recipes/tune_lens.py --configs '[{}, {"alpha": 0.3}, ...]'
+
+Each configuration overrides fields of ``QUICKSTART_CONFIG`` (lenssteer.train.TrainConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", required=True, help="JSON list of TrainConfig overrides")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--languages", default="en,de,es,fr,it", help="central first")
+    parser.add_argument("--train-items", type=int, default=200)
+    parser.add_argument("--heldout-items", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "tune"), help="data cache + results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from lenssteer.data import load_bible
+    from lenssteer.models import load_model, num_decoder_layers
+    from lenssteer.train import (
+        QUICKSTART_CONFIG,
+        TrainingData,
+        TrainingError,
+        heldout_report,
+        prepare_training_data,
+        probe_from_data,
+        train_lens,
+    )
+
+    try:
+        overrides_list = json.loads(args.configs)
+        configs = [dataclasses.replace(QUICKSTART_CONFIG, **o) for o in overrides_list]
+    except (json.JSONDecodeError, TypeError, TrainingError) as error:
+        print(f"error: --configs: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    languages = [code.strip() for code in args.languages.split(",") if code.strip()]
+    corpus = load_bible(languages, central_language=languages[0])
+    sample = corpus.sample(args.train_items + args.heldout_items, seed=args.seed)
+    total = len(sample)
+    parts = sample.split(
+        {"train": args.train_items / total, "heldout": args.heldout_items / total}, seed=args.seed
+    )
+    tokenizer, model = load_model(args.model)
+    total = num_decoder_layers(model)
+    layers = list(range(total - QUICKSTART_CONFIG.n_layers, total))  # trained = loss layers
+    data = {}
+    for name in ("train", "heldout"):
+        path = out / f"{name}-{parts[name].data_hash()[:12]}.safetensors"
+        if path.exists():
+            data[name] = TrainingData.load(path)
+        else:
+            data[name] = prepare_training_data(
+                model, tokenizer, parts[name], layers[0], layers, pooling="last", chat_template=True
+            )
+            data[name].save(path)
+    subspace = probe_from_data(model, tokenizer, parts["train"], data["train"])
+    for overrides, config in zip(overrides_list, configs, strict=True):
+        loss_layers = config.loss_layers or layers
+        train, heldout = (data[n].with_loss_layers(loss_layers) for n in ("train", "heldout"))
+        started = time.perf_counter()
+        adapter = train_lens(
+            model, tokenizer, subspace, parts["train"], out / "adapter", config, data=train
+        )
+        seconds = time.perf_counter() - started
+        reports = {
+            name: heldout_report(model, tokenizer, adapter, subspace, parts[name], data=d)[
+                "summary"
+            ]
+            for name, d in (("heldout", heldout), ("train", train))
+        }
+        line = {"config": overrides, "train_s": round(seconds), **reports}
+        print(json.dumps(line), flush=True)
+        with open(out / "results.jsonl", "a", encoding="utf-8") as results:
+            results.write(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
