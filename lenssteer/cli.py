@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -579,7 +580,7 @@ def _run_compare(args: argparse.Namespace) -> int:
             )
         )
     document = run_comparison(
-        config, progress=not args.no_progress, command=" ".join(["lenssteer", *sys.argv[1:]])
+        config, progress=not args.no_progress, command=shlex.join(["lenssteer", *args.argv])
     )
     print(format_summary(document))
     print(f"\nreport written to {config.out} (report.md, report.json, one PNG per task)")
@@ -657,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a report records as command
     try:
         return args.handler(args) or 0
     except KeyboardInterrupt:
