@@ -8,6 +8,7 @@ Errors of the user's input are printed as one line (set ``LENSSTEER_DEBUG=1`` fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -62,8 +63,12 @@ def module_names_from(args: argparse.Namespace) -> ModuleNames | None:
     return ModuleNames(layers=args.layers_path, mlp=args.mlp_path, attn=args.attn_path)
 
 
-def add_corpus_arguments(parser: argparse.ArgumentParser, default_limit: int | None = 300) -> None:
-    """Parallel-text arguments shared by probe and train."""
+def add_corpus_arguments(
+    parser: argparse.ArgumentParser,
+    default_limit: int | None = 300,
+    languages_from_subspace: bool = False,
+) -> None:
+    """Parallel-text arguments shared by probe and train (whose languages default to the subspace's)."""
     parser.add_argument(
         "--corpus",
         default="bible",
@@ -73,8 +78,9 @@ def add_corpus_arguments(parser: argparse.ArgumentParser, default_limit: int | N
     parser.add_argument(
         "--languages",
         type=_languages,
-        default=["en", "fr", "de", "es", "ru"],
-        help="comma-separated language codes, central language included (default: en,fr,de,es,ru)",
+        default=None if languages_from_subspace else ["en", "fr", "de", "es", "ru"],
+        help="comma-separated language codes, central language included (default: "
+        + ("the subspace's languages)" if languages_from_subspace else "en,fr,de,es,ru)"),
     )
     parser.add_argument("--central", default="en", help="central (pivot) language (default: en)")
     parser.add_argument(
@@ -349,20 +355,28 @@ def _add_train(subparsers) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--subspace", required=True, help="subspace folder made by 'probe'")
-    add_corpus_arguments(parser, default_limit=200)
+    add_corpus_arguments(parser, default_limit=200, languages_from_subspace=True)
     parser.add_argument("--kind", choices=["lora", "layers"], default="lora", help="default: lora")
     parser.add_argument("--out", required=True, help="adapter folder to write")
     parser.add_argument(
         "--top-layers", type=_positive_int, default=2, help="train the top K layers (default: 2)"
     )
-    parser.add_argument("--lr", type=float, help="learning rate (default: 1e-4)")
-    parser.add_argument("--epochs", type=float, help="epochs over the items (default: 1)")
+    parser.add_argument(
+        "--preset",
+        choices=["lens", "quickstart"],
+        default="lens",
+        help="starting hyper-parameters, each overridable below: 'lens' = the paper's (weights "
+        "1/1/1, alpha 1, lr 1e-4, 1 epoch); 'quickstart' = tuned on the bundled Qwen2.5 (pull "
+        "100, push 1, retain 3, alpha 0.3, lr 3e-3, 4 epochs; docs/training.md). Default: lens",
+    )
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--epochs", type=float, help="epochs over the items")
     parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
     parser.add_argument("--batch-size", type=_positive_int, help="parallel items per step (8)")
-    parser.add_argument("--pull-weight", type=float, help="default: 1")
-    parser.add_argument("--push-weight", type=float, help="default: 1")
-    parser.add_argument("--retain-weight", type=float, help="default: 1")
-    parser.add_argument("--alpha", type=float, help="push strength along the direction (default 1)")
+    parser.add_argument("--pull-weight", type=float, help="weight of the pull term")
+    parser.add_argument("--push-weight", type=float, help="weight of the push term")
+    parser.add_argument("--retain-weight", type=float, help="weight of the retain term")
+    parser.add_argument("--alpha", type=float, help="push strength along the language direction")
     parser.add_argument("--lora-rank", type=_positive_int, help="default: 8")
     parser.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -373,7 +387,7 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from lenssteer.train import TrainConfig, train_adapter
+    from lenssteer.train import QUICKSTART_CONFIG, TrainConfig, train_adapter
 
     overrides = {
         "learning_rate": args.lr,
@@ -387,7 +401,9 @@ def _run_train(args: argparse.Namespace) -> int:
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,
     }
-    config = TrainConfig(
+    base = QUICKSTART_CONFIG if args.preset == "quickstart" else TrainConfig()
+    config = dataclasses.replace(
+        base,
         kind=args.kind,
         n_layers=args.top_layers,
         fast=not args.plain,

@@ -118,3 +118,39 @@ def test_help_explains_every_command(capsys):
         main(["probe", "--help"])
     assert exit_info.value.code == 0
     assert "language-ID accuracy" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("preset", ["lens", "quickstart"])
+def test_train_presets_and_overrides(tiny_folder, corpus_file, tmp_path, capsys, preset):
+    from lenssteer.adapter import SteeringAdapter
+    from lenssteer.train import QUICKSTART_CONFIG, TrainConfig
+
+    subspace = tmp_path / "sub"
+    assert main(probe_args(tiny_folder, corpus_file, "--layers=top:2", "--out", str(subspace))) == 0
+    out = tmp_path / "adapter"
+    args = [
+        "train",
+        "--model",
+        tiny_folder,
+        "--subspace",
+        str(subspace),
+        "--corpus",
+        corpus_file,
+        "--limit",
+        "12",
+        "--out",
+        str(out),
+        "--preset",
+        preset,
+        "--max-steps",
+        "1",
+        "--alpha",
+        "0.5",
+    ]
+    assert main(args) == 0
+    assert "1 steps" in capsys.readouterr().out
+    hyper = SteeringAdapter.from_pretrained(out).config.hyperparameters
+    expected = QUICKSTART_CONFIG if preset == "quickstart" else TrainConfig()
+    assert hyper["alpha"] == 0.5  # the flag overrides the preset
+    for name in ("pull_weight", "retain_weight", "learning_rate", "pull_space"):
+        assert hyper[name] == getattr(expected, name), name
