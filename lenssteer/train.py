@@ -1556,6 +1556,22 @@ def probe_from_data(model: nn.Module, tokenizer, corpus, data: TrainingData, ran
     )
 
 
+def quickstart_corpora(
+    languages: Sequence[str], train_items: int = 200, heldout_items: int = 100, seed: int = 0
+):
+    """The quickstart's verses: ``train_items + heldout_items`` public-domain Bible verses (seed
+    ``seed``) split into disjoint training and held-out corpora. ``languages[0]`` is central."""
+    from lenssteer.data import load_bible
+
+    corpus = load_bible(languages, central_language=languages[0])
+    sample = corpus.sample(train_items + heldout_items, seed=seed)
+    total = len(sample)
+    parts = sample.split(
+        {"train": train_items / total, "heldout": heldout_items / total}, seed=seed
+    )
+    return parts["train"], parts["heldout"]
+
+
 def run_quickstart_training(
     model: nn.Module,
     tokenizer,

@@ -76,32 +76,28 @@ def ship(out: Path, subspace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lenssteer.adapter import generate
-    from lenssteer.data import load_bible
     from lenssteer.io import atomic_write_text
     from lenssteer.models import load_model
     from lenssteer.probe import format_diagnostics
-    from lenssteer.train import run_quickstart_training
+    from lenssteer.train import quickstart_corpora, run_quickstart_training
 
     started = time.perf_counter()
     out = Path(args.out)
     languages = [code.strip() for code in args.languages.split(",") if code.strip()]
-    corpus = load_bible(languages, central_language=languages[0])
-    sample = corpus.sample(args.train_items + args.heldout_items, seed=args.seed)
-    total = len(sample)
-    parts = sample.split(
-        {"train": args.train_items / total, "heldout": args.heldout_items / total}, seed=args.seed
+    train, heldout = quickstart_corpora(
+        languages, args.train_items, args.heldout_items, seed=args.seed
     )
     print(
-        f"[quickstart] {args.model}; {corpus.source}; {len(parts['train'])} training and "
-        f"{len(parts['heldout'])} held-out verses per language\n"
+        f"[quickstart] {args.model}; {train.source}; {len(train)} training and "
+        f"{len(heldout)} held-out verses per language\n"
     )
 
     tokenizer, model = load_model(args.model)
     result = run_quickstart_training(
         model,
         tokenizer,
-        parts["train"],
-        parts["heldout"],
+        train,
+        heldout,
         out / "adapter",
         subspace_out=out / "subspace",
     )

@@ -39,7 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lenssteer.data import load_bible
     from lenssteer.models import load_model, num_decoder_layers
     from lenssteer.train import (
         QUICKSTART_CONFIG,
@@ -48,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout_report,
         prepare_training_data,
         probe_from_data,
+        quickstart_corpora,
         train_lens,
     )
 
@@ -59,12 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     languages = [code.strip() for code in args.languages.split(",") if code.strip()]
-    corpus = load_bible(languages, central_language=languages[0])
-    sample = corpus.sample(args.train_items + args.heldout_items, seed=args.seed)
-    total = len(sample)
-    parts = sample.split(
-        {"train": args.train_items / total, "heldout": args.heldout_items / total}, seed=args.seed
+    train, heldout = quickstart_corpora(
+        languages, args.train_items, args.heldout_items, seed=args.seed
     )
+    parts = {"train": train, "heldout": heldout}
     tokenizer, model = load_model(args.model)
     total = num_decoder_layers(model)
     layers = list(range(total - QUICKSTART_CONFIG.n_layers, total))  # trained = loss layers
@@ -81,17 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     subspace = probe_from_data(model, tokenizer, parts["train"], data["train"])
     for overrides, config in zip(overrides_list, configs, strict=True):
         loss_layers = config.loss_layers or layers
-        train, heldout = (data[n].with_loss_layers(loss_layers) for n in ("train", "heldout"))
+        subset = {name: data[name].with_loss_layers(loss_layers) for name in parts}
         started = time.perf_counter()
         adapter = train_lens(
-            model, tokenizer, subspace, parts["train"], out / "adapter", config, data=train
+            model,
+            tokenizer,
+            subspace,
+            parts["train"],
+            out / "adapter",
+            config,
+            data=subset["train"],
         )
         seconds = time.perf_counter() - started
         reports = {
-            name: heldout_report(model, tokenizer, adapter, subspace, parts[name], data=d)[
-                "summary"
-            ]
-            for name, d in (("heldout", heldout), ("train", train))
+            name: heldout_report(
+                model, tokenizer, adapter, subspace, parts[name], data=subset[name]
+            )["summary"]
+            for name in ("heldout", "train")
         }
         line = {"config": overrides, "train_s": round(seconds), **reports}
         print(json.dumps(line), flush=True)

@@ -618,20 +618,16 @@ def test_two_processes_match_one(tmp_path):
 
 
 def _quickstart_run(tmp_path, languages, n_train, n_heldout):
-    from lenssteer.data import load_bible
     from lenssteer.models import load_model
-    from lenssteer.train import run_quickstart_training
+    from lenssteer.train import quickstart_corpora, run_quickstart_training
 
     try:
-        corpus = load_bible(languages, central_language="en")
+        train, heldout = quickstart_corpora(languages, n_train, n_heldout, seed=0)
     except Exception as error:  # the corpus package is optional
         pytest.skip(f"Bible corpus unavailable: {error}")
-    sample = corpus.sample(n_train + n_heldout, seed=0)
-    total = n_train + n_heldout
-    parts = sample.split({"train": n_train / total, "heldout": n_heldout / total}, seed=0)
     tokenizer, model = load_model("qwen2.5-coder-0.5b-instruct")
     result = run_quickstart_training(
-        model, tokenizer, parts["train"], parts["heldout"], tmp_path / "adapter", progress=False
+        model, tokenizer, train, heldout, tmp_path / "adapter", progress=False
     )
     return result["report"]["summary"], result["report_markdown"]
 
