@@ -3,12 +3,13 @@
 Precomputes the training and held-out data of the quickstart (same verses, same seed) once, probes
 the subspace from the training states (as the quickstart does), then for every configuration
 trains an adapter on the fast path and prints one JSON line with the held-out report (and the same
-report on the training items, to tell under-fitting from over-fitting). The table in
-docs/training.md ("Tuning") came from:
+report on the training items, to tell under-fitting from over-fitting). For example:
 
-    .venv/bin/python recipes/tune_lens.py --configs '[{}, {"alpha": 0.3}, ...]'
+    .venv/bin/python recipes/tune_lens.py --configs '[{}, {"alpha": 0.3, "num_epochs": 2}]'
 
-Each configuration overrides fields of ``QUICKSTART_CONFIG`` (lenssteer.train.TrainConfig).
+Each configuration overrides fields of the *current* ``QUICKSTART_CONFIG``
+(lenssteer.train.TrainConfig), so ``{}`` is the shipped setting; the rows of the table in
+docs/training.md ("Tuning") give their settings in full.
 """
 
 from __future__ import annotations
