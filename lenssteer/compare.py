@@ -1047,6 +1047,7 @@ def run_comparison(
         n_resamples=config.bootstrap_resamples,
         seed=config.seed,
         central_language=config.central_language,
+        chance={task.name: task.chance for task, _ in tasks if task.chance is not None},
     )
 
 
@@ -1101,7 +1102,11 @@ def format_summary(document: Mapping[str, Any]) -> str:
                 continue
             text = f"{system} {100 * cell['score']:.1f}"
             if cell.get("diff") is not None:
-                text += f" ({100 * cell['diff']:+.1f} [{100 * cell['diff_low']:+.1f}, {100 * cell['diff_high']:+.1f}])"
+                text += f" ({100 * cell['diff']:+.1f} [{100 * cell['diff_low']:+.1f}, {100 * cell['diff_high']:+.1f}]"
+                if cell.get("mde") is not None:
+                    text += f", MDE {100 * cell['mde']:.1f}"
+                    text += " underpowered" if cell.get("underpowered") else ""
+                text += ")"
             parts.append(text)
         lines.append(f"{task} ({metric}, {column}): " + "; ".join(parts))
     return "\n".join(lines)

@@ -54,6 +54,7 @@ from lenssteer.models import ModuleNames, find_decoder_layers
 __all__ = [
     "EncodedRequest",
     "LowerLayerReplay",
+    "at_chance",
     "Outcomes",
     "ScoringRequest",
     "bootstrap_mean_interval",
@@ -61,6 +62,7 @@ __all__ = [
     "encode_requests",
     "generate_greedy",
     "loglikelihoods",
+    "minimum_detectable_effect",
     "package_versions",
     "paired_bootstrap_difference",
     "stratified_bootstrap_mean",
@@ -520,6 +522,37 @@ def paired_bootstrap_difference(
     return stratified_bootstrap_mean(differences, n_resamples, seed, confidence)
 
 
+def minimum_detectable_effect(
+    differences: Sequence[Sequence[float]], alpha: float = 0.05, power: float = 0.8
+) -> float:
+    """Smallest true paired difference a two-sided test at ``alpha`` detects with ``power``.
+
+    ``differences``: groups (languages) of per-item differences ``system - reference`` on the same
+    items. The statistic is the average over the ``G`` groups of the mean difference, whose
+    standard error is ``se = sqrt(sum_g sd_g^2 / n_g) / G`` (``sd_g``: sample standard deviation,
+    ``ddof=1``, of group ``g``'s per-item differences). Then
+
+        MDE = (z_{1 - alpha/2} + z_{power}) * se
+
+    which for one group is the textbook paired formula ``(z_{1-a/2} + z_power) * sd_diff /
+    sqrt(n)``: 2.80 standard errors at alpha 0.05 and 80% power. The variance is the observed
+    paired variance, so two systems that agree on almost every item have a small MDE. ``nan`` when
+    a group has fewer than 2 items.
+    """
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise ValueError(f"alpha and power must be in (0, 1), got {alpha}, {power}")
+    arrays = [np.asarray(group, dtype=np.float64) for group in differences]
+    if not arrays or any(a.size < 2 for a in arrays):
+        return math.nan
+    variance = sum(float(a.var(ddof=1)) / a.size for a in arrays) / len(arrays) ** 2
+    normal = statistics.NormalDist()
+    multiplier = normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(power)
+    return multiplier * math.sqrt(variance)
+
+
+UNDERPOWERED_ABOVE = 0.05  # a difference of proportions whose MDE exceeds 5 points is underpowered
+
+
 # --------------------------------------------------------------------------------------------------
 # Outcomes and summaries
 
@@ -581,7 +614,9 @@ def summarize(
     """``{task: {metric: {system: {language | "average" | "targets": cell}}}}``.
 
     A cell has ``score``, ``low``, ``high``, ``n`` (items) and, for systems other than the
-    reference, ``diff``, ``diff_low``, ``diff_high`` against the reference on the same items. The
+    reference, ``diff``, ``diff_low``, ``diff_high`` against the reference on the same items,
+    ``mde`` (:func:`minimum_detectable_effect` of the paired per-item differences, 80% power,
+    alpha 0.05) and ``underpowered`` (a 0/1 metric whose ``mde`` exceeds 5 points). The
     ``"average"`` cell averages the language scores (every language weighs the same) with a
     stratified bootstrap interval; it covers the languages that every system has. With
     ``central_language``, ``"targets"`` does the same over the other languages (only where the
@@ -643,7 +678,19 @@ def summarize(
                         seed,
                         confidence,
                     )
-                    cells[column].update({"diff": diff, "diff_low": low, "diff_high": high})
+                    mde = minimum_detectable_effect(
+                        [np.subtract(a.values, b.values) for a, b in zip(mine, theirs, strict=True)]
+                    )
+                    binary = all(o.binary for o in (*mine, *theirs))
+                    cells[column].update(
+                        {
+                            "diff": diff,
+                            "diff_low": low,
+                            "diff_high": high,
+                            "mde": mde,
+                            "underpowered": bool(binary and not mde <= UNDERPOWERED_ABOVE),
+                        }
+                    )
     return table
 
 
@@ -688,18 +735,76 @@ def _columns(metric_table: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return languages + present
 
 
+def at_chance(
+    summary: Mapping[str, Any],
+    chance: Mapping[str, float],
+    reference_system: str = "base",
+    central_language: str | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{task: {metric: {"chance", "language", "at_chance"}}}`` for the tasks in ``chance``.
+
+    A task metric is *at chance* when the reference system's score in the central language (the
+    language the model knows best; the ``average`` when there is none) has a 95% interval that
+    contains the chance level: nothing a steering method could carry to other languages is there.
+    Only 0/1 metrics of tasks with a chance level (``chance``: ``{task: level}``) are judged.
+    """
+    flags: dict[str, dict[str, dict[str, Any]]] = {}
+    for task, level in chance.items():
+        for metric, systems in summary.get(task, {}).items():
+            cells = systems.get(reference_system) or {}
+            column = central_language if central_language in cells else "average"
+            cell = cells.get(column) or {}
+            low, high = cell.get("low"), cell.get("high")
+            if low is None or high is None or math.isnan(low) or math.isnan(high):
+                continue
+            flags.setdefault(task, {})[metric] = {
+                "chance": level,
+                "language": column,
+                "at_chance": bool(low <= level <= high),
+            }
+    return flags
+
+
+def _diff_text(cell: Mapping[str, Any]) -> str:
+    flag = "" if cell["diff_low"] <= 0 <= cell["diff_high"] else " *"  # interval excludes zero
+    text = (
+        f"{_pct(cell['diff'], True)} [{_pct(cell['diff_low'], True)}, "
+        f"{_pct(cell['diff_high'], True)}]{flag}"
+    )
+    if cell.get("mde") is not None:
+        text += f"; MDE {_pct(cell['mde'])}"
+        if cell.get("underpowered"):
+            text += " (underpowered)"
+    return text
+
+
 def markdown_tables(
     summary: Mapping[str, Any],
     task_notes: Mapping[str, str] | None = None,
     reference_system: str = "base",
+    chance_flags: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> str:
-    """One score table and one difference table per task metric (percent, 95% intervals)."""
+    """One score table and one difference table per task metric (percent, 95% intervals).
+
+    Each difference carries its minimum detectable effect (``MDE``, 80% power, alpha 0.05) and
+    ``(underpowered)`` where that exceeds 5 points; ``chance_flags`` (:func:`at_chance`) adds an
+    "at chance" line to a metric whose reference score in the central language is within its
+    interval of chance.
+    """
     lines: list[str] = []
     for task, metrics in summary.items():
         lines.append(f"### {task}\n")
         if task_notes and task_notes.get(task):
             lines.append(task_notes[task] + "\n")
         for metric, systems in metrics.items():
+            flag = ((chance_flags or {}).get(task) or {}).get(metric)
+            if flag and flag["at_chance"]:
+                lines.append(
+                    f"**at chance**: `{reference_system}` scores {metric} in "
+                    f"`{flag['language']}` with a 95% interval that contains chance "
+                    f"({_pct(flag['chance'])}%); differences on this metric cannot show "
+                    "knowledge carried between languages.\n"
+                )
             columns = _columns(systems)
             n_by_language = {
                 lang: next((c[lang]["n"] for c in systems.values() if lang in c), 0)
@@ -724,7 +829,8 @@ def markdown_tables(
             if reference_system in systems and others:
                 lines.append(
                     f"\n**{metric}**: difference to {reference_system}, percentage points "
-                    "[95% paired bootstrap interval]\n"
+                    "[95% paired bootstrap interval]; MDE: minimum detectable paired effect "
+                    "(80% power, alpha 0.05)\n"
                 )
                 lines.append(f"| system | {' | '.join(columns)} |")
                 lines.append("|---" * (len(columns) + 1) + "|")
@@ -735,15 +841,7 @@ def markdown_tables(
                         if cell.get("diff") is None:
                             row.append("n/a")
                         else:
-                            flag = (
-                                ""
-                                if cell["diff_low"] <= 0 <= cell["diff_high"]
-                                else " *"  # interval excludes zero
-                            )
-                            row.append(
-                                f"{_pct(cell['diff'], True)} [{_pct(cell['diff_low'], True)}, "
-                                f"{_pct(cell['diff_high'], True)}]{flag}"
-                            )
+                            row.append(_diff_text(cell))
                     lines.append(f"| {system} | " + " | ".join(row) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -830,13 +928,16 @@ def write_report(
     n_resamples: int = 2000,
     seed: int = 0,
     central_language: str | None = None,
+    chance: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``report.json`` and one PNG per task into folder ``out`` (atomically).
 
     ``primary_metrics`` maps a task to the metric its plot shows (default: its first metric).
+    ``chance`` (``{task: chance level}``) enables the "at chance" marks (:func:`at_chance`).
     Returns the JSON document.
     """
     summary = summarize(outcomes, reference_system, confidence, n_resamples, seed, central_language)
+    chance_flags = at_chance(summary, chance or {}, reference_system, central_language)
     primary_metrics = dict(primary_metrics or {})
     document = {
         "format": "lenssteer-compare-report",
@@ -850,6 +951,7 @@ def write_report(
             for task, metrics in summary.items()
         },
         "summary": summary,
+        "at_chance": chance_flags,
         "outcomes": [asdict(outcome) for outcome in outcomes],
     }
     document = _json_safe(document)
@@ -870,11 +972,16 @@ def write_report(
         "Scores in percent with 95% intervals (Wilson per language; stratified bootstrap for "
         "`average`, over all languages, and `targets`, over all but the central one). Differences to "
         f"`{reference_system}` are paired bootstrap intervals over the same items; `*` marks an "
-        "interval that excludes zero.\n",
+        "interval that excludes zero. Beside each difference, MDE is the minimum detectable paired "
+        "effect at 80% power and alpha 0.05, (z_0.975 + z_0.8) x the standard error of the mean "
+        "per-item difference (sd_diff / sqrt(n) for one language); a 0/1 metric whose MDE exceeds "
+        "5 points is marked (underpowered): a true effect of a few points there would most likely "
+        "go unseen. A task whose reference score in the central language has an interval that "
+        "contains chance is marked **at chance**.\n",
     ]
     if notes:
         markdown.append(notes + "\n")
-    markdown.append(markdown_tables(summary, task_notes, reference_system))
+    markdown.append(markdown_tables(summary, task_notes, reference_system, chance_flags))
     with atomic_directory(out) as scratch:
         for task, metric in document["primary_metrics"].items():
             try:

@@ -117,6 +117,7 @@ class Task:
     kind: str = "multiple-choice"
     needs_central: bool = False  # retrieval: the central language is the query side
     max_chars: int = VERSE_CHARS[1]  # bible tasks: longest verse kept (characters, every language)
+    chance: float | None = None  # accuracy of guessing (the report's "at chance" mark); None: n/a
 
     def check_languages(self, languages: Sequence[str], source: str | None = None) -> None:
         """Raise :class:`TaskLanguageError` for a language the task does not have."""
@@ -136,6 +137,7 @@ class Task:
             "languages": list(self.languages),
             "metrics": list(self.metrics),
             "primary_metric": self.primary_metric,
+            "chance": self.chance,
         }
 
 
@@ -498,6 +500,7 @@ def builtin_tasks() -> dict[str, Task]:
             scorings=("letter", "option-text"),
             letter_metric="acc_letter",
             loader=_mmlu_loader,
+            chance=0.25,
         ),
         "bible-continuation": MultipleChoiceTask(
             name="bible-continuation",
@@ -508,6 +511,7 @@ def builtin_tasks() -> dict[str, Task]:
             primary_metric="acc",
             scorings=("continuation",),
             loader=_continuation_loader,
+            chance=0.25,
         ),
         "bible-retrieval": RetrievalTask(
             name="bible-retrieval",

@@ -17,6 +17,7 @@ from lenssteer.evaluate import (
     encode_requests,
     generate_greedy,
     loglikelihoods,
+    minimum_detectable_effect,
     paired_bootstrap_difference,
     stratified_bootstrap_mean,
     summarize,
@@ -331,6 +332,36 @@ def test_replay_out_of_step_is_an_error(llama, tokenizer):
     assert "forward" not in vars(find_layer(llama, 0))
 
 
+@pytest.mark.parametrize(
+    "how", ["positional", "model-keyword", "old-keyword", "any-keyword", "hidden-by-name"]
+)
+def test_replay_guard_finds_the_cache_however_it_is_passed(llama, tokenizer, how):
+    """The guard looks for a ``Cache`` among the arguments, not for a keyword name: transformers 5.24
+    renamed ``past_key_values`` -> ``cache`` and a name-keyed guard silently stopped firing."""
+    from transformers import DynamicCache
+
+    from lenssteer.evaluate import LowerLayerReplay
+    from lenssteer.forward import cache_keyword
+
+    replay = LowerLayerReplay(llama, first_changed_layer=2)
+    with replay.record():
+        loglikelihoods(llama, tokenizer, REQUESTS[:2], batch_size=2)
+    layer = find_layer(llama, 0)
+    hidden = torch.zeros(1, 3, llama.config.hidden_size)
+    cache = DynamicCache(config=llama.config)
+    calls = {
+        "positional": lambda: layer(hidden, None, None, cache),
+        "model-keyword": lambda: layer(hidden, **{cache_keyword(llama): cache}),
+        "old-keyword": lambda: layer(hidden, past_key_values=cache),
+        "any-keyword": lambda: layer(hidden, some_future_name=cache),
+        "hidden-by-name": lambda: layer(hidden_states=hidden, cache=cache),
+    }
+    with pytest.raises(RuntimeError, match="KV cache cannot be replayed"):
+        with replay.replay():
+            calls[how]()
+    assert "forward" not in vars(layer)
+
+
 def find_layer(model, index):
     from lenssteer.models import find_decoder_layers
 
@@ -348,3 +379,56 @@ def test_copied_prompt_text_is_not_judged():
     assert kept == "This verse means that God keeps his word."
     assert detect_language(kept) == "en"
     assert strip_copied("Dieser Vers bedeutet etwas.", verse) == "Dieser Vers bedeutet etwas."
+
+
+def test_minimum_detectable_effect_hand_computed():
+    # 10 paired differences, two of them 1: mean 0.2, sample variance (2 * 0.8^2 + 8 * 0.2^2) / 9
+    # = 1.6 / 9, standard error sqrt(1.6 / 90) = 2 / 15; z_0.975 + z_0.8 = 1.959964 + 0.841621.
+    differences = [1.0, 1.0] + [0.0] * 8
+    expected = (1.959964 + 0.841621) * 2 / 15
+    assert minimum_detectable_effect([differences]) == pytest.approx(expected, abs=1e-5)
+    assert expected == pytest.approx(0.373545, abs=1e-5)
+    # Two languages of that kind, averaged: standard error sqrt(2 * (2/15)^2) / 2.
+    assert minimum_detectable_effect([differences, differences]) == pytest.approx(
+        expected / math.sqrt(2), abs=1e-5
+    )
+    # Agreement on every item: nothing varies, any effect would be seen; too few items: unknown.
+    assert minimum_detectable_effect([[0.0] * 30]) == 0.0
+    assert math.isnan(minimum_detectable_effect([[1.0]]))
+    # A looser test (alpha 0.2) or less power needs a smaller effect.
+    assert minimum_detectable_effect([differences], alpha=0.2) < expected
+    assert minimum_detectable_effect([differences], power=0.5) < expected
+
+
+def test_summary_cells_carry_mde_and_underpowered_mark():
+    cells = summarize(_outcomes(), central_language="en")["toy"]["acc"]["steered"]
+    # en: 4 of 20 items gain one: variance 3.2 / 19, MDE 2.8016 * sqrt(3.2 / 19 / 20) = 25.7 points.
+    assert cells["en"]["mde"] == pytest.approx(2.801585 * math.sqrt(3.2 / 19 / 20), abs=1e-5)
+    assert cells["en"]["underpowered"] is True
+    assert cells["average"]["mde"] < cells["en"]["mde"]  # two languages: more items
+
+
+def test_report_marks_underpowered_and_at_chance(tmp_path):
+    document = write_report(
+        tmp_path / "chance",
+        _outcomes(),
+        metadata={"model": "tiny"},
+        central_language="en",
+        chance={"toy": 0.5},
+    )
+    text = (tmp_path / "chance" / "report.md").read_text()
+    assert "MDE 25.7 (underpowered)" in text
+    assert "**at chance**: `base`" in text  # base en: 12 of 20, Wilson [38.7, 78.1] contains 50
+    assert document["at_chance"]["toy"]["acc"] == {
+        "chance": 0.5,
+        "language": "en",
+        "at_chance": True,
+    }
+    write_report(
+        tmp_path / "above",
+        _outcomes(),
+        metadata={"model": "tiny"},
+        central_language="en",
+        chance={"toy": 0.25},
+    )
+    assert "**at chance**: `base`" not in (tmp_path / "above" / "report.md").read_text()
