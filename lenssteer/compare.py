@@ -27,6 +27,7 @@ import contextlib
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from lenssteer.evaluate import (
     write_report,
 )
 from lenssteer.models import DEFAULT_MODEL, find_decoder_layers, model_identity, resolve_layers
+from lenssteer.sampling import OverlapError, check_disjoint, sample_ids
 from lenssteer.task_registry import (
     GenerationTask,
     MultipleChoiceTask,
@@ -501,6 +503,8 @@ def _prepare_system(system: SystemConfig) -> _PreparedSystem:
                         int(chosen["target_layer"]),
                     )
             description["pairs_file"] = system.pairs_file
+            if "dev_item_ids" in data:
+                description["pairs_file_dev_item_ids"] = list(data["dev_item_ids"])
         return prepared
     return _PreparedSystem(system, description)
 
@@ -521,14 +525,27 @@ def _resolve_pairs(
         chosen, dev_ids = _select_pairs_on_dev(
             model, tokenizer, config, system, targets, exclude_ids, n_layers, progress
         )
+        check_disjoint(dev_ids, exclude_ids, f"system {system.name!r}: XTransplant pairs")
         prepared.pairs.update(chosen)
         prepared.description["selection"] = {
             "task": "mmlu-translated",
             "dev_items_per_language": len(dev_ids),
             "dev_item_ids": sorted(dev_ids),
             "mode": system.select_mode,
-            "disjoint_from_scored_items": not (set(dev_ids) & exclude_ids),
+            "disjoint_from_scored_items": True,
         }
+    chosen_on = prepared.description.get("pairs_file_dev_item_ids")
+    if system.pairs_file and chosen_on is not None:
+        check_disjoint(
+            chosen_on, exclude_ids, f"system {system.name!r}: pairs file {system.pairs_file}"
+        )
+    elif system.pairs_file:
+        warnings.warn(
+            f"system {system.name!r}: {system.pairs_file} does not record the items its pairs were "
+            "chosen on (made before lenssteer recorded them), so a dev/score overlap cannot be "
+            "ruled out; remake it with lenssteer transplant-grid",
+            stacklevel=2,
+        )
     if system.source_layer is not None and system.target_layer is not None:
         fixed = tuple(
             resolve_layers([s], n_layers)[0] for s in (system.source_layer, system.target_layer)
@@ -545,7 +562,6 @@ def _select_pairs_on_dev(
 
     Returns the pairs and the dev item ids. Ties: :func:`lenssteer.transplant.select_pair`.
     """
-    from lenssteer.task_registry import deterministic_sample
     from lenssteer.transplant import (
         grid_pairs,
         record_donor_activations,
@@ -558,8 +574,15 @@ def _select_pairs_on_dev(
     if not available:
         return {}, set()
     items = task.items([config.central_language, *available])
-    common = [i.id for i in items[config.central_language] if i.id not in exclude_ids]
-    dev_ids = deterministic_sample(common, system.select_on_dev, "xtransplant-dev", config.seed)
+    common = [i.id for i in items[config.central_language]]
+    dev_ids = set(
+        sample_ids(common, system.select_on_dev, config.seed, "xtransplant-dev", exclude_ids)
+    )
+    if not dev_ids:
+        raise OverlapError(
+            f"system {system.name!r}: no mmlu-translated items are left for choosing the "
+            "XTransplant pair: every item is scored; lower the task's limit or give the pair"
+        )
     central = [i for i in items[config.central_language] if i.id in dev_ids]
     donors = [task.requests(tokenizer, item, "letter")[1] for item in central]
     activations = record_donor_activations(

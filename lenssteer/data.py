@@ -340,8 +340,11 @@ class ParallelCorpus:
         )
 
     def _ranked(self, seed: int) -> list[int]:
-        """Item indices ordered by sha256(seed, id): the same on any machine and Python version."""
-        keys = [hashlib.sha256(f"{seed}\x00{item_id}".encode()).digest() for item_id in self.ids]
+        """Item indices ordered by sha256(seed, id): the same on any machine and Python version
+        (:func:`lenssteer.sampling.rank_key`, the rule every lenssteer sample follows)."""
+        from lenssteer.sampling import rank_key
+
+        keys = [rank_key(item_id, seed) for item_id in self.ids]
         return sorted(range(len(self)), key=keys.__getitem__)
 
     def sample(self, n: int, seed: int = 0) -> ParallelCorpus:

@@ -298,9 +298,13 @@ def subspace_diagnostics(
     n_heldout = max(2, round(n_items * heldout_fraction))
     if n_items - n_heldout < 2:
         raise SubspaceError(f"need at least 4 items per language for diagnostics, got {n_items}")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n_items, generator=generator)
-    train, heldout = order[n_heldout:], order[:n_heldout]
+    from lenssteer.sampling import split_ids
+
+    heldout_part, train_part = split_ids(
+        [str(i) for i in range(n_items)], [n_heldout, None], seed, "subspace-heldout"
+    )
+    train = torch.tensor(sorted(int(i) for i in train_part), dtype=torch.long)
+    heldout = torch.tensor(sorted(int(i) for i in heldout_part), dtype=torch.long)
     labels = torch.arange(n_languages)
     report = []
     for position, layer in enumerate(layers):

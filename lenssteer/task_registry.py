@@ -36,7 +36,6 @@ kept between 30 and 220 characters in every language so prompts stay short and c
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from lenssteer.evaluate import ScoringRequest
+from lenssteer.sampling import rank_key, sample_ids
 from lenssteer.tasks import (
     MMLU_TRANSLATED_LANGUAGES,
     MultipleChoiceItem,
@@ -96,13 +96,13 @@ class TaskLanguageError(TaskError):
 
 
 def _rank_key(task: str, seed: int, item_id: str) -> bytes:
-    return hashlib.sha256(f"{task}\x00{seed}\x00{item_id}".encode()).digest()
+    return rank_key(item_id, seed, task)
 
 
 def deterministic_sample(ids: Sequence[str], limit: int | None, task: str, seed: int) -> set[str]:
-    """The ``limit`` ids ranked first by ``sha256(task, seed, id)`` (all ids if ``limit`` is None)."""
-    ranked = sorted(ids, key=lambda item_id: _rank_key(task, seed, item_id))
-    return set(ranked if limit is None else ranked[:limit])
+    """The ``limit`` ids ranked first by ``sha256(task, seed, id)`` (all ids if ``limit`` is None);
+    :func:`lenssteer.sampling.sample_ids` with the task's name as salt."""
+    return set(sample_ids(ids, limit, seed, task))
 
 
 @dataclass

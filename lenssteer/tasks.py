@@ -23,7 +23,6 @@ import hashlib
 import html
 import importlib.util
 import json
-import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from lenssteer.io import atomic_write_json
 from lenssteer.models import cache_root
+from lenssteer.sampling import sample_ids
 
 __all__ = [
     "MMLU_TRANSLATED_LANGUAGES",
@@ -310,11 +310,12 @@ def sample_items(
 ) -> list[MultipleChoiceItem]:
     """A deterministic random sample of ``limit`` items (all if ``None``), kept in their order.
 
-    The choice depends only on the ids and the seed, so aligned lists get the same sample.
+    The choice depends only on the ids and the seed, so aligned lists get the same sample
+    (:func:`lenssteer.sampling.sample_ids`, the rule every lenssteer sample follows).
     """
     if limit is None or limit >= len(items):
         return list(items)
-    chosen = set(random.Random(seed).sample(sorted(item.id for item in items), limit))
+    chosen = set(sample_ids([item.id for item in items], limit, seed))
     return [item for item in items if item.id in chosen]
 
 

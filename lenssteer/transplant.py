@@ -954,14 +954,23 @@ def select_pair(correct: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> int:
 def dev_heldout_split(
     n_items: int, dev_fraction: float = 0.5, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random split of item indices into (dev, held-out), both sorted."""
+    """A seeded split of item indices into (dev, held-out), both sorted.
+
+    Drawn by :func:`lenssteer.sampling.split_ids` (the rule every lenssteer sample follows) over
+    the indices, salt ``"transplant-dev"``.
+    """
+    from lenssteer.sampling import split_ids
+
     if not 0 < dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
     if n_items < 2:
         raise ValueError("pair selection needs at least 2 items")
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed))
     n_dev = min(n_items - 1, max(1, round(n_items * dev_fraction)))
-    return order[:n_dev].sort().values, order[n_dev:].sort().values
+    dev, held = split_ids([str(i) for i in range(n_items)], [n_dev, None], seed, "transplant-dev")
+    return (
+        torch.tensor(sorted(int(i) for i in dev), dtype=torch.long),
+        torch.tensor(sorted(int(i) for i in held), dtype=torch.long),
+    )
 
 
 def summarize_grid(
@@ -1285,6 +1294,9 @@ def run_transplant_grid(
         "languages": {},
     }
     selected: dict[str, Any] = {"model": identity, "task": task, "donor_language": donor_language}
+    if len(donors) >= 2:  # the items the pairs were chosen on (a comparison refuses to score them)
+        dev_indices, _ = dev_heldout_split(len(donors), dev_fraction, seed)
+        selected["dev_item_ids"] = [donors[int(i)].id for i in dev_indices]
     for language, items in zip(recipient_languages, recipient_lists, strict=True):
         prompts, continuations = _task_prompts(tokenizer, items, chat_template)
         answers = torch.tensor([item.answer for item in items])

@@ -497,3 +497,31 @@ def test_lora_adapter_unit_by_unit(setup, tokenizer, tmp_path):
         _flat(by_key[("toy", "base", "de")]["details"]), abs=1e-4
     )
     assert not hasattr(model, "_lenssteer_applied") and not hasattr(model, "peft_config")
+
+
+def test_pairs_chosen_on_scored_items_are_refused(setup, tokenizer, tmp_path):
+    from lenssteer.sampling import OverlapError
+    from lenssteer.task_registry import get_task
+    from lenssteer.transplant import save_selected_pairs
+
+    root, model = setup
+    scored = get_task("mmlu-translated").items(["en", "de"], 2, 0)["en"]
+    pairs = tmp_path / "selected_pairs.json"
+    save_selected_pairs(
+        pairs,
+        {
+            "de": {"ffn": {"source_layer": 2, "target_layer": 1}},
+            "dev_item_ids": [scored[0].id, "some/other"],
+        },
+    )
+    config = CompareConfig(
+        languages=["en", "de"],
+        out=str(tmp_path / "r"),
+        tasks=[TaskConfig("mmlu-translated", limit=2)],
+        systems=[
+            SystemConfig("base"),
+            SystemConfig("from-file", kind="xtransplant", pairs_file=str(pairs)),
+        ],
+    )
+    with pytest.raises(OverlapError, match=f"also scored: {scored[0].id}"):
+        run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
