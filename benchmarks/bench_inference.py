@@ -38,6 +38,7 @@ from bench_common import Row, alternate, median, paired_ratio  # noqa: E402
 
 from lenssteer.adapter import AdapterConfig, SteeringAdapter, base_model_description  # noqa: E402
 from lenssteer.extract import format_texts  # noqa: E402
+from lenssteer.forward import cache_keyword, cache_of_output  # noqa: E402
 from lenssteer.models import DEFAULT_MODEL, load_model, model_identity, num_decoder_layers  # noqa: E402
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -94,16 +95,18 @@ class Decoder:
     @torch.no_grad()
     def restart(self) -> None:
         output = self.model(input_ids=self.input_ids, use_cache=True)
-        self.cache = output.past_key_values
+        self.cache = cache_of_output(output)
         self.token = output.logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.no_grad()
     def step(self) -> float:
         """Seconds of one decoding step."""
         started = time.perf_counter()
-        output = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+        output = self.model(
+            input_ids=self.token, use_cache=True, **{cache_keyword(self.model): self.cache}
+        )
         elapsed = time.perf_counter() - started
-        self.cache = output.past_key_values
+        self.cache = cache_of_output(output)
         self.token = output.logits[:, -1].argmax(-1, keepdim=True)
         return elapsed
 

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lenssteer.forward import cache_in_call, hidden_states_of_call
 from lenssteer.hooks import position_ids_from_mask
 from lenssteer.io import atomic_directory, atomic_write_json, atomic_write_text
 from lenssteer.models import ModuleNames, find_decoder_layers
@@ -300,11 +301,13 @@ class LowerLayerReplay:
             raise RuntimeError("nothing to replay: record() a pass of the same inputs first")
         position = {"next": 0}
 
+        layer = self.layers[0]
+
         def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-            if kwargs.get("past_key_values") is not None:
+            if cache_in_call(args, kwargs) is not None:
                 # Skipped layers would leave their part of the cache empty: refuse, never guess.
                 raise RuntimeError("a forward call with a KV cache cannot be replayed")
-            return args[0] if args else kwargs["hidden_states"]
+            return hidden_states_of_call(layer, args, kwargs)
 
         def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
             return hidden_of(args, kwargs)

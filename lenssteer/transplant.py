@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lenssteer.forward import cache_in_call, cache_keyword, cache_of_output
 from lenssteer.hooks import (
     hooked,
     last_real_positions,
@@ -301,13 +302,10 @@ def _call_tracker(state: dict[str, int]):
             tokens = args[0]
         seq = tokens.shape[1]
         mask = kwargs.get("attention_mask")
-        cache_position = kwargs.get("cache_position")
-        past = kwargs.get("past_key_values")
+        past = cache_in_call(args, kwargs)  # found by type: the keyword was renamed in 5.24
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             start = mask.shape[1] - seq  # a 2-D mask always spans past + current columns
-        elif isinstance(cache_position, torch.Tensor) and cache_position.numel():
-            start = int(cache_position.reshape(-1)[0])
-        elif past is not None and hasattr(past, "get_seq_length"):
+        elif past is not None:
             start = int(past.get_seq_length())
         else:
             start = 0
@@ -829,7 +827,7 @@ def _prefix_cache(model: nn.Module, prefix: list[int], device: torch.device):
         use_cache=True,
         **_logits_kwargs(model, 1),
     )
-    return output.past_key_values, len(prefix)
+    return cache_of_output(output), len(prefix)
 
 
 def _score_on_cache(
@@ -873,7 +871,7 @@ def _score_on_cache(
     if cache is not None:
         rows_cache = copy.deepcopy(cache)
         rows_cache.batch_repeat_interleave(len(sequences))
-        forward["past_key_values"] = rows_cache
+        forward[cache_keyword(model)] = rows_cache
     with ExitStack() as stack:
         for granularity in GRANULARITIES:
             members = [r for r, row in enumerate(rows) if row.granularity == granularity]

@@ -16,6 +16,7 @@ import torch
 from conftest import make_tiny_model
 from safetensors.torch import load_file
 
+from lenssteer.forward import cache_keyword, cache_of_output, hidden_states_of_call
 from lenssteer.hooks import hooked, last_real_positions, position_ids_from_mask
 from lenssteer.models import ModuleDiscoveryError, ModuleNames, find_layer_modules
 from lenssteer.transplant import (
@@ -139,7 +140,8 @@ def test_kv_cache_on_equals_off(model, tokenizer):
     )
     with torch.no_grad(), transplanted(model, donors, positions, 2, "ffn"):
         prefill = forward(input_ids, mask, use_cache=True)
-        cached_step = forward(step, full_mask, past_key_values=prefill.past_key_values).logits
+        cache = {cache_keyword(model): cache_of_output(prefill)}
+        cached_step = forward(step, full_mask, **cache).logits
         uncached = forward(full_ids, full_mask, use_cache=False).logits
     torch.testing.assert_close(prefill.logits, uncached[:, :-1], atol=ATOL, rtol=0)
     torch.testing.assert_close(cached_step[:, -1], uncached[:, -1], atol=ATOL, rtol=0)
@@ -281,8 +283,8 @@ def _last_output(store: dict, key: str):
 def _last_input(store: dict, key: str):
     """A pre-hook that keeps a copy of the last column of the module's hidden-state input."""
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def hook(module, args, kwargs):
+        hidden = hidden_states_of_call(module, args, kwargs)
         store[key] = hidden[0, -1].clone()
 
     return hook
