@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lenssteer.io import atomic_write_text
-from lenssteer.probe import format_diagnostics, probe
+from lenssteer.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # OMP_WAIT_POLICY=PASSIVE unless set, before torch loads
+
+from lenssteer.io import atomic_write_text  # noqa: E402
+from lenssteer.probe import format_diagnostics, probe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LANGUAGES = ["en", "fr", "de", "es", "ru"]

@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from lenssteer.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # OMP_WAIT_POLICY=PASSIVE unless set, before torch loads
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LANGUAGES = "en,de,es,fr,it"  # the MMLU translations of compare have de, es, fr, it
 SHIPPED_ADAPTER = ROOT / "checkpoints" / "qwen2.5-coder-0.5b-instruct-lens-quickstart"

@@ -29,6 +29,10 @@ import argparse
 import os
 import sys
 
+from lenssteer.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # OMP_WAIT_POLICY=PASSIVE unless set, before torch loads
+
 MODEL_ID = "meta-llama/Meta-Llama-3-8B-Instruct"
 EFFECTIVE_BATCH = 8
 

@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from lenssteer.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # OMP_WAIT_POLICY=PASSIVE unless set, before torch loads
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
