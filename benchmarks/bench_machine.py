@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import Row, alternate, median  # noqa: E402
+from bench_common import Row, alternate, median, memory_window  # noqa: E402
 
 from lenssteer.models import DEFAULT_MODEL, load_model  # noqa: E402
 
@@ -139,7 +139,30 @@ def machine_limit(
                 details=details,
             )
         )
+    rows.append(memory_calibration())
     return rows
+
+
+def memory_calibration(block_mb: int = 64) -> Row:
+    """How much a ``block_mb`` block, allocated and touched, grows the measured peak: a check of the
+    memory figures' mechanism on this machine (kept out of the unit tests, where a busy machine's
+    allocator state made it flaky)."""
+    with memory_window() as window:
+        block = torch.ones(block_mb * 2**20 // 4)
+        block += 1
+    del block
+    ratio = window.growth_mb / block_mb
+    return Row(
+        section="5. machine limit",
+        name=f"memory probe calibration ({block_mb} MB block, touched)",
+        baseline=f"{block_mb} MB",
+        ours=f"{window.growth_mb:.1f} MB",
+        ratio=ratio,
+        target="report (about 1.0)",
+        met=None,
+        note="peak counter reset" if window.reset else "peak counter could not be reset",
+        details={"growth_mb": window.growth_mb, "reset": window.reset},
+    )
 
 
 def main() -> None:
