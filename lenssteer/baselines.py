@@ -15,6 +15,8 @@ computed from) at every position, in the chosen top layers, with nothing trained
 
 ``B`` (``(r, hidden)``, orthonormal rows) and ``d_x`` come from a :class:`~lenssteer.subspace.Subspace`
 of the same model (checked by weights fingerprint when the subspace records one, and by hidden size).
+A subspace probed at representation ``"final_norm"`` (the last layer after the model's final norm)
+is applied where it was measured: to the final norm's output, i.e. to what the LM head reads.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lenssteer.extract import check_representation
 from lenssteer.hooks import hooked
 from lenssteer.models import (
     ModuleNames,
     find_decoder_layers,
+    find_final_norm,
     model_identity,
     resolve_layers,
 )
@@ -111,6 +115,11 @@ def subspace_steering(
     )
     for layer in chosen:
         subspace.layer_position(layer)  # raises if the subspace lacks the layer
+    representation = subspace.metadata.get("representation", "residual")
+    check_representation(representation, chosen, len(decoder_layers))
+    hook_points = {layer: decoder_layers[layer] for layer in chosen}
+    if representation == "final_norm":  # edit what the LM head reads, where the states were read
+        hook_points = {layer: find_final_norm(model, module_names) for layer in chosen}
     if mode == "language-shift":
         if language is None:
             raise ValueError("the language-shift baseline needs the input's language")
@@ -123,7 +132,7 @@ def subspace_steering(
         direction = subspace.direction(language, layer)  # type: ignore[arg-type]
         return lambda _module, hidden: language_shift(hidden, direction, strength)
 
-    with hooked([(decoder_layers[layer], make_hook(layer)) for layer in chosen]):
+    with hooked([(hook_points[layer], make_hook(layer)) for layer in chosen]):
         yield model
 
 
@@ -173,6 +182,7 @@ class SubspaceBaseline:
             "strength": self.strength,
             "subspace_languages": list(self.subspace.languages),
             "rank": self.subspace.rank,
+            "representation": self.subspace.metadata.get("representation", "residual"),
         }
 
     def check(self, model: nn.Module, strict: bool = True) -> None:
@@ -184,6 +194,9 @@ class SubspaceBaseline:
         )
         for layer in chosen:
             self.subspace.layer_position(layer)
+        check_representation(
+            self.subspace.metadata.get("representation", "residual"), chosen, n_layers
+        )
 
     def steer(
         self, model: nn.Module, language: str | None = None, strict: bool = True

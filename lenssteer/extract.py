@@ -7,6 +7,11 @@ hooks pool inside the pass and the pass stops after the highest requested layer,
 ``texts x kept layers x hidden``, never with all layers x tokens. Positions are computed from the
 attention mask, so left and right padding, batched and one-by-one runs give the same vectors.
 
+The *representation point* says which vector of a layer is read: ``"residual"`` (the default, the
+layer's output as above) or ``"final_norm"``: the last layer's output after the model's final norm,
+what the LM head sees and what Lens' code reads (``output_hidden_states[-1]``). It exists for the
+last decoder layer only; asking for it elsewhere is a :class:`RepresentationError`.
+
 Tokens that every prompt starts with (the chat template's system turn: 24 of the ~70 tokens of a
 templated Bible verse for the default model) run once: their KV cache is copied for each batch,
 which then computes only its own tokens (:class:`SharedPrefix`). The vectors are the same up to
@@ -21,7 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,10 +44,59 @@ from lenssteer.hooks import (
     stop_after,
 )
 from lenssteer.io import atomic_save_tensors
-from lenssteer.models import ModuleNames, cache_root, find_decoder_layers, model_identity
+from lenssteer.models import (
+    ModuleNames,
+    cache_root,
+    find_decoder_layers,
+    find_final_norm,
+    model_identity,
+)
 
 Pooling = Literal["last", "mean"]
 POOLINGS = ("last", "mean")
+Representation = Literal["residual", "final_norm"]
+REPRESENTATIONS = ("residual", "final_norm")
+
+
+class RepresentationError(ValueError):
+    """A representation point that is unknown or meaningless at the requested layers."""
+
+
+def check_representation(representation: str, layers: Sequence[int], n_layers: int) -> None:
+    """Raise :class:`RepresentationError` unless ``representation`` can be read at ``layers``.
+
+    ``"final_norm"`` is the top layer's output after the model's final norm, so it exists for the
+    last decoder layer (``n_layers - 1``) only.
+    """
+    if representation not in REPRESENTATIONS:
+        raise RepresentationError(
+            f"unknown representation {representation!r}; choose one of {', '.join(REPRESENTATIONS)}"
+        )
+    if representation == "final_norm":
+        other = [int(i) for i in layers if int(i) != n_layers - 1]
+        if other:
+            raise RepresentationError(
+                f"representation 'final_norm' (after the model's final norm) exists only at the last "
+                f"decoder layer ({n_layers - 1}); layers {other} were asked for: use --layers=-1 "
+                "(or representation 'residual')"
+            )
+
+
+def representation_map(
+    model: nn.Module, representation: str, module_names: ModuleNames | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Map a decoder layer's output ``(..., H)`` to the representation read there.
+
+    ``"residual"``: unchanged; ``"final_norm"``: the model's own final norm applied to it (what the
+    LM head sees and ``output_hidden_states[-1]`` returns; gradients flow through it).
+    """
+    if representation == "residual":
+        return lambda hidden: hidden
+    if representation != "final_norm":
+        raise RepresentationError(
+            f"unknown representation {representation!r}; choose one of {', '.join(REPRESENTATIONS)}"
+        )
+    return find_final_norm(model, module_names)
 
 
 class TemplateError(ValueError):
@@ -84,8 +138,11 @@ def tokenize(tokenizer, prompts: Sequence[str], chat_template: bool) -> dict[str
     )
 
 
-def _cache_key(model: nn.Module, tokenizer, texts, layers, pooling, chat_template) -> str:
+def _cache_key(
+    model: nn.Module, tokenizer, texts, layers, pooling, chat_template, representation="residual"
+) -> str:
     identity = model_identity(model)
+    point = {} if representation == "residual" else {"representation": representation}
     text_hash = hashlib.sha256()
     for text in texts:
         text_hash.update(text.encode())
@@ -100,6 +157,7 @@ def _cache_key(model: nn.Module, tokenizer, texts, layers, pooling, chat_templat
             "texts": text_hash.hexdigest(),
             "n": len(texts),
             "version": 1,
+            **point,
         },
         sort_keys=True,
     )
@@ -140,17 +198,20 @@ def run_shared_prefix(
     prefix_ids: Sequence[int],
     layers: Sequence[int],
     module_names: ModuleNames | None = None,
+    representation: Representation = "residual",
 ) -> SharedPrefix:
     """Run ``prefix_ids`` once through the layers up to ``max(layers)``, keeping its KV cache."""
     from transformers import DynamicCache
 
     decoder_layers = find_decoder_layers(model, module_names)
+    check_representation(representation, layers, len(decoder_layers))
+    read = representation_map(model, representation, module_names)
     sums: dict[int, torch.Tensor] = {}
     top = max(layers)
 
     def make_hook(index: int):
         def hook(_module: nn.Module, hidden: torch.Tensor) -> None:
-            sums[index] = hidden[0].float().sum(0)
+            sums[index] = read(hidden)[0].float().sum(0)
 
         return hook
 
@@ -176,14 +237,19 @@ def pooled_states(
     pooling: Pooling = "last",
     module_names: ModuleNames | None = None,
     prefix: SharedPrefix | None = None,
+    representation: Representation = "residual",
 ) -> torch.Tensor:
     """Pooled outputs of the given (absolute, sorted) decoder layers for one batch.
 
     ``input_ids``, ``attention_mask``: ``(batch, seq)``. Returns ``(batch, len(layers), hidden)``.
     With ``prefix``, every row continues that shared prefix: ``input_ids`` hold only the tokens
-    after it (right padded), and mean pooling counts the prefix tokens too.
+    after it (right padded), and mean pooling counts the prefix tokens too. ``representation``:
+    the layer's output (``"residual"``) or, at the last layer only, that output after the model's
+    final norm (``"final_norm"``).
     """
     decoder_layers = find_decoder_layers(model, module_names)
+    check_representation(representation, layers, len(decoder_layers))
+    read = representation_map(model, representation, module_names)
     last = last_real_positions(attention_mask)
     mask = attention_mask.unsqueeze(-1).to(torch.float32)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -193,6 +259,7 @@ def pooled_states(
 
     def make_hook(index: int):
         def hook(_module: nn.Module, hidden: torch.Tensor) -> None:
+            hidden = read(hidden)
             if pooling == "last":
                 pooled[index] = hidden[rows, last].float()
             elif prefix is not None:
@@ -249,12 +316,14 @@ def extract_states(
     module_names: ModuleNames | None = None,
     description: str = "extract",
     share_prefix: bool = True,
+    representation: Representation = "residual",
 ) -> torch.Tensor:
     """Pooled hidden states of ``texts`` at ``layers``: ``(n_texts, len(layers), hidden)``, float32.
 
     ``layers`` are absolute indices (see :func:`lenssteer.models.resolve_layers`). ``cache_dir=None``
     uses ``$LENSSTEER_CACHE/states``; ``False`` disables the cache. ``share_prefix``: run the
-    tokens every prompt starts with once (see the module docstring).
+    tokens every prompt starts with once (see the module docstring). ``representation``:
+    ``"residual"`` (layer outputs) or ``"final_norm"`` (last layer only, after the final norm).
     """
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
@@ -264,6 +333,7 @@ def extract_states(
     layers = sorted(set(int(i) for i in layers))
     if not layers or layers[0] < 0 or layers[-1] >= n_layers:
         raise ValueError(f"layers {layers} must be absolute indices in 0..{n_layers - 1}")
+    check_representation(representation, layers, n_layers)
     for position, text in enumerate(texts):
         if not text or not text.strip():
             raise ValueError(f"text #{position + 1} is empty")
@@ -271,7 +341,9 @@ def extract_states(
     cache_path = None
     if cache_dir is not False:
         folder = Path(cache_dir) if cache_dir is not None else cache_root() / "states"
-        key = _cache_key(model, tokenizer, texts, layers, pooling, chat_template)
+        key = _cache_key(
+            model, tokenizer, texts, layers, pooling, chat_template, representation
+        )
         cache_path = folder / f"{key}.safetensors"
         if cache_path.is_file():
             return load_file(cache_path)["states"]
@@ -285,7 +357,9 @@ def extract_states(
     device = next(model.parameters()).device
     prefix = None
     if prefix_length:
-        prefix = run_shared_prefix(model, encoded[0][:prefix_length], layers, module_names)
+        prefix = run_shared_prefix(
+            model, encoded[0][:prefix_length], layers, module_names, representation
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: torch.Tensor | None = None
     with tqdm(total=len(prompts), desc=description, unit="text", disable=not progress) as bar:
@@ -304,6 +378,7 @@ def extract_states(
                 pooling,
                 module_names,
                 prefix=prefix,
+                representation=representation,
             ).cpu()
             if out is None:
                 out = torch.empty(len(prompts), len(layers), states.shape[-1])
@@ -327,6 +402,7 @@ def extract_corpus(
     progress: bool = True,
     module_names: ModuleNames | None = None,
     share_prefix: bool = True,
+    representation: Representation = "residual",
 ) -> dict[str, torch.Tensor]:
     """Pooled states of every language of a :class:`~lenssteer.data.ParallelCorpus`.
 
@@ -346,6 +422,7 @@ def extract_corpus(
             module_names=module_names,
             description=f"extract {language}",
             share_prefix=share_prefix,
+            representation=representation,
         )
         for language in corpus.languages
     }

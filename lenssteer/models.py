@@ -366,6 +366,28 @@ def num_decoder_layers(model: nn.Module, names: ModuleNames | None = None) -> in
     return len(find_decoder_layers(model, names))
 
 
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
+
+
+def find_final_norm(model: nn.Module, names: ModuleNames | None = None) -> nn.Module:
+    """The norm the model applies to the top decoder layer's output (what the LM head reads).
+
+    Found beside the decoder layer list, in the module that owns it (``model.norm`` for Llama,
+    Qwen2, Gemma3, Mistral, Phi3; ``transformer.ln_f`` for GPT-2).
+    """
+    layers = find_decoder_layers(model, names)
+    for module in model.modules():
+        children = dict(module.named_children())
+        if any(child is layers for child in children.values()):
+            for name in _FINAL_NORM_NAMES:
+                if isinstance(children.get(name), nn.Module):
+                    return children[name]
+    raise ModuleDiscoveryError(
+        f"could not find the final norm of {type(model).__name__} beside its decoder layers "
+        f"(tried {', '.join(_FINAL_NORM_NAMES)}); use representation='residual'"
+    )
+
+
 def _find_child(layer: nn.Module, path: str | None, candidates: tuple[str, ...], what: str):
     if path:
         found = _get_path(layer, path)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lenssteer.extract import Pooling, extract_corpus, template_signature
+from lenssteer.extract import (
+    Pooling,
+    Representation,
+    check_representation,
+    extract_corpus,
+    template_signature,
+)
 from lenssteer.models import (
     ModuleNames,
     load_model,
@@ -31,10 +37,12 @@ def probe_metadata(
     chat_template: bool,
     module_names: ModuleNames | None = None,
     data_hash: str | None = None,
+    representation: Representation = "residual",
 ) -> dict:
     """What a subspace records about where its states came from (model, representation, text).
 
-    ``data_hash`` defaults to the corpus's own hash.
+    ``data_hash`` defaults to the corpus's own hash. ``representation``: the point read in each layer
+    (``"residual"`` or ``"final_norm"``, see :mod:`lenssteer.extract`).
     """
     identity = model_identity(model)
     return {
@@ -43,6 +51,7 @@ def probe_metadata(
         "fingerprint": identity["fingerprint"],
         "num_layers": num_decoder_layers(model, module_names),
         "pooling": pooling,
+        "representation": representation,
         "template": template_signature(tokenizer, chat_template),
         "corpus": getattr(corpus, "source", "in-memory"),
         "data_hash": data_hash or corpus.data_hash(),
@@ -66,10 +75,13 @@ def probe(
     module_names: ModuleNames | None = None,
     progress: bool = True,
     loaded=None,
+    representation: Representation = "residual",
 ) -> Subspace:
     """Compute (and, with ``out``, save) the language subspaces of ``model`` on a parallel corpus.
 
     ``loaded`` may pass an already loaded ``(tokenizer, model)`` pair to skip loading.
+    ``representation="final_norm"`` reads the last layer after the model's final norm (as Lens
+    does; ``layers`` must then be the last layer only, e.g. ``"-1"``).
     """
     from lenssteer.data import load_corpus
 
@@ -77,7 +89,9 @@ def probe(
         corpus, languages, central_language=central_language, limit=limit, seed=seed
     )
     tokenizer, lm = loaded if loaded is not None else load_model(model)
-    absolute = resolve_layers(layers, num_decoder_layers(lm, module_names))
+    n_layers = num_decoder_layers(lm, module_names)
+    absolute = resolve_layers(layers, n_layers)
+    check_representation(representation, absolute, n_layers)
     use_template = resolve_chat_template(tokenizer, chat_template)
     states = extract_corpus(
         lm,
@@ -89,6 +103,7 @@ def probe(
         batch_size=batch_size,
         progress=progress,
         module_names=module_names,
+        representation=representation,
     )
     subspace = compute_subspace(
         states,
@@ -96,7 +111,15 @@ def probe(
         central_language,
         rank=rank,
         seed=seed,
-        metadata=probe_metadata(lm, tokenizer, parallel, pooling, use_template, module_names),
+        metadata=probe_metadata(
+            lm,
+            tokenizer,
+            parallel,
+            pooling,
+            use_template,
+            module_names,
+            representation=representation,
+        ),
     )
     if out is not None:
         subspace.save(out)

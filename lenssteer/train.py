@@ -50,7 +50,13 @@ import torch
 from torch import nn
 
 from lenssteer.adapter import SteeringAdapter, base_model_description
-from lenssteer.extract import format_texts, template_signature
+from lenssteer.extract import (
+    RepresentationError,
+    check_representation,
+    format_texts,
+    representation_map,
+    template_signature,
+)
 from lenssteer.hooks import (
     hooked,
     last_real_positions,
@@ -90,6 +96,9 @@ class TrainConfig:
     are taken (default: the trained layers the subspace covers). ``batch_size``: parallel items per
     step and process; each item brings all of its languages. ``save_steps``: checkpoint every N
     steps (0: none). ``fast``: train on precomputed inputs of the first trained layer.
+    ``representation``: the point the losses read, ``"residual"`` (layer outputs) or
+    ``"final_norm"`` (the last layer after the model's final norm, as Lens; the subspace must have
+    been probed there, and the losses are then taken at the last layer only).
     """
 
     kind: str = "lora"
@@ -120,10 +129,15 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 0
     save_total_limit: int = 2
+    representation: str = "residual"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise TrainingError(f"kind {self.kind!r} is unknown; choose one of {', '.join(KINDS)}")
+        try:
+            check_representation(self.representation, [], 1)
+        except RepresentationError as error:
+            raise TrainingError(str(error)) from None
         if self.n_layers < 1:
             raise TrainingError(f"n_layers must be >= 1, got {self.n_layers}")
         for name in ("batch_size", "gradient_accumulation_steps", "precompute_batch_size"):
@@ -280,6 +294,7 @@ class TrainingData(torch.utils.data.Dataset):
     data_hash: str | None = None
     pad_token_id: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    representation: str = "residual"
 
     def __len__(self) -> int:
         return self.frozen.shape[0]
@@ -314,6 +329,7 @@ class TrainingData(torch.utils.data.Dataset):
             "data_hash": self.data_hash,
             "pad_token_id": self.pad_token_id,
             "metadata": self.metadata,
+            "representation": self.representation,
         }
         atomic_save_tensors(
             {name: getattr(self, name) for name in self._TENSORS},
@@ -454,12 +470,14 @@ def prepare_training_data(
     batch_size: int = 16,
     progress: bool = True,
     module_names: ModuleNames | None = None,
+    representation: str = "residual",
 ) -> TrainingData:
     """One frozen pass over every text of ``corpus``: inputs of ``first_layer`` and pooled states.
 
     ``corpus`` is a :class:`~lenssteer.data.ParallelCorpus` (languages in its order, central first).
     Texts are formatted and tokenized exactly as :func:`lenssteer.extract.extract_states` does, so
-    ``frozen`` equals what extraction returns for the same layers, pooling and template.
+    ``frozen`` equals what extraction returns for the same layers, pooling, template and
+    representation point.
     """
     from tqdm.auto import tqdm
     from transformers import DynamicCache
@@ -472,6 +490,11 @@ def prepare_training_data(
     if loss_layers[0] < first_layer:
         raise TrainingError(f"loss layers {loss_layers} start below the first trained layer")
     decoder_layers = find_decoder_layers(model, module_names)
+    try:
+        check_representation(representation, loss_layers, len(decoder_layers))
+    except RepresentationError as error:
+        raise TrainingError(str(error)) from None
+    read = representation_map(model, representation, module_names)
     texts = [corpus.texts[language][i] for i in range(n_items) for language in languages]
     prompts = format_texts(tokenizer, texts, chat_template)
     encoded = tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
@@ -485,7 +508,7 @@ def prepare_training_data(
 
     def make_output_hook(layer: int):
         def hook(_module, hidden: torch.Tensor) -> None:
-            captured[layer] = hidden
+            captured[layer] = read(hidden)
 
         return hook
 
@@ -579,6 +602,7 @@ def prepare_training_data(
         data_hash=corpus.data_hash() if hasattr(corpus, "data_hash") else None,
         pad_token_id=int(tokenizer.pad_token_id or 0),
         metadata={"template": template_signature(tokenizer, chat_template)},
+        representation=representation,
     )
 
 
@@ -650,16 +674,20 @@ def _run_pooled(
     input_ids: torch.Tensor | None = None,
     first_layer: int | None = None,
     prefix_inputs: torch.Tensor | None = None,
+    representation: str = "residual",
 ) -> torch.Tensor:
     decoder_layers = find_decoder_layers(model, module_names)
+    check_representation(representation, layers, len(decoder_layers))
+    read = representation_map(model, representation, module_names)
     outputs: dict[int, torch.Tensor] = {}
     top = max(layers)
 
     def make_hook(layer: int):
         def hook(_module, hidden: torch.Tensor) -> None:
-            outputs[layer] = hidden
+            outputs[layer] = read(hidden)
 
         return hook
+
 
     def run(**kwargs) -> None:
         if layer_inputs is None:
@@ -744,6 +772,7 @@ def top_layer_states(
     pooling: str = "last",
     module_names: ModuleNames | None = None,
     prefix_inputs: torch.Tensor | None = None,
+    representation: str = "residual",
 ) -> torch.Tensor:
     """Pooled outputs of ``layers`` computed from the inputs of ``first_layer`` alone.
 
@@ -761,6 +790,7 @@ def top_layer_states(
         layer_inputs=layer_inputs,
         first_layer=first_layer,
         prefix_inputs=prefix_inputs,
+        representation=representation,
     )
 
 
@@ -771,10 +801,17 @@ def full_forward_states(
     layers: Sequence[int],
     pooling: str = "last",
     module_names: ModuleNames | None = None,
+    representation: str = "residual",
 ) -> torch.Tensor:
     """The same pooled states from a plain forward of the whole model (with gradients)."""
     return _run_pooled(
-        model, sorted(layers), attention_mask, pooling, module_names, input_ids=input_ids
+        model,
+        sorted(layers),
+        attention_mask,
+        pooling,
+        module_names,
+        input_ids=input_ids,
+        representation=representation,
     )
 
 
@@ -799,9 +836,11 @@ class LensTrainingModule(nn.Module):
         fast: bool = True,
         module_names: ModuleNames | None = None,
         agnostic: torch.Tensor | None = None,
+        representation: str = "residual",
     ) -> None:
         super().__init__()
         self.model = model
+        self.representation = representation
         self.register_buffer("basis", basis.float(), persistent=False)
         self.register_buffer("directions", directions.float(), persistent=False)
         unit = None
@@ -838,11 +877,18 @@ class LensTrainingModule(nn.Module):
                 self.pooling,
                 self.module_names,
                 prefix_inputs=prefix_inputs,
+                representation=self.representation,
             )
         if input_ids is None:
             raise TrainingError("the plain path needs input_ids")
         return full_forward_states(
-            self.model, input_ids, attention_mask, self.loss_layers, self.pooling, self.module_names
+            self.model,
+            input_ids,
+            attention_mask,
+            self.loss_layers,
+            self.pooling,
+            self.module_names,
+            representation=self.representation,
         )
 
     def forward(
@@ -1084,6 +1130,13 @@ def train_lens(
     pooling = subspace.metadata.get("pooling")
     if pooling is None:
         raise TrainingError("the subspace records no pooling ('pooling' in its metadata)")
+    probed_at = subspace.metadata.get("representation", "residual")
+    if probed_at != config.representation:
+        raise TrainingError(
+            f"the subspace was probed at representation {probed_at!r} but training reads "
+            f"{config.representation!r}: train with representation={probed_at!r} "
+            f"(CLI: --representation {probed_at}) or probe again at {config.representation!r}"
+        )
     chat_template = _chat_template_from_signature(tokenizer, subspace.metadata.get("template"))
     trained, loss_layers = resolve_training_layers(
         model, config.n_layers, subspace.layers, config.loss_layers, module_names
@@ -1104,10 +1157,16 @@ def train_lens(
             batch_size=config.precompute_batch_size,
             progress=progress,
             module_names=module_names,
+            representation=config.representation,
         )
     else:
         if (data.first_layer, data.languages) != (trained[0], languages):
             raise TrainingError("the precomputed data were made for other layers or languages")
+        if data.representation != config.representation:
+            raise TrainingError(
+                f"the precomputed data read representation {data.representation!r}, training "
+                f"reads {config.representation!r}"
+            )
         if data.loss_layers != loss_layers:
             data = data.with_loss_layers(loss_layers)
 
@@ -1131,6 +1190,7 @@ def train_lens(
             fast=config.fast,
             module_names=module_names,
             agnostic=agnostic,
+            representation=config.representation,
         )
         _check_reproduces_frozen(module, data, split_prefix=config.share_prefix)
 
@@ -1232,7 +1292,12 @@ def _adapter_config(config, base, trained, loss_layers, data, subspace, subspace
             "pooling": data.pooling,
             "template": data.metadata.get("template"),
             "chat_template": bool(template),
-            "position": "output of each loss layer (residual stream, before the final norm)",
+            "point": data.representation,
+            "position": (
+                "output of the last layer after the model's final norm (what the LM head reads)"
+                if data.representation == "final_norm"
+                else "output of each loss layer (residual stream, before the final norm)"
+            ),
         },
         subspace={
             "path": str(subspace_path) if subspace_path is not None else None,
@@ -1243,6 +1308,7 @@ def _adapter_config(config, base, trained, loss_layers, data, subspace, subspace
             "fingerprint": subspace.metadata.get("fingerprint"),
             "data_hash": subspace.metadata.get("data_hash"),
             "corpus": subspace.metadata.get("corpus"),
+            "representation": subspace.metadata.get("representation", "residual"),
         },
         data_hash=data.data_hash,
     )
@@ -1454,6 +1520,7 @@ def heldout_report(
             batch_size=batch_size,
             progress=progress,
             module_names=module_names,
+            representation=config.representation.get("point", "residual"),
         )
     device = next(model.parameters()).device
     after = torch.empty_like(data.frozen)
@@ -1471,6 +1538,7 @@ def heldout_report(
                 data.pooling,
                 module_names,
                 prefix_inputs=prefix.to(device) if prefix is not None else None,
+                representation=data.representation,
             )
             after[items] = states.reshape(len(items), *data.frozen.shape[1:]).cpu()
     alpha = float(config.hyperparameters.get("alpha", 1.0))
@@ -1549,7 +1617,13 @@ def probe_from_data(model: nn.Module, tokenizer, corpus, data: TrainingData, ran
 
     states = {language: data.frozen[:, k] for k, language in enumerate(data.languages)}
     metadata = probe_metadata(
-        model, tokenizer, corpus, data.pooling, data.chat_template, data_hash=data.data_hash
+        model,
+        tokenizer,
+        corpus,
+        data.pooling,
+        data.chat_template,
+        data_hash=data.data_hash,
+        representation=data.representation,
     )
     return compute_subspace(
         states, data.loss_layers, data.central_language, rank=rank, seed=seed, metadata=metadata
@@ -1609,6 +1683,8 @@ def run_quickstart_training(
         use_template = has_template if chat_template is None else chat_template
         n_total = len(find_decoder_layers(model))
         subspace_layers = list(range(n_total - config.n_layers, n_total))
+        if config.representation == "final_norm":  # read at the last layer only
+            subspace_layers = [n_total - 1]
     trained, loss_layers = resolve_training_layers(
         model, config.n_layers, subspace_layers, config.loss_layers
     )
@@ -1624,6 +1700,7 @@ def run_quickstart_training(
         share_prefix=config.share_prefix,
         batch_size=config.precompute_batch_size,
         progress=progress,
+        representation=config.representation,
     )
     timings["precompute_train_s"] = time.perf_counter() - started
     if subspace is None:

@@ -133,3 +133,27 @@ def test_from_folder_round_trip(model, subspace, tmp_path):
         assert steered is model
         out = model(input_ids=IDS).logits
     assert torch.isfinite(out).all()
+
+
+def test_final_norm_subspace_edits_what_the_head_reads(model, subspace):
+    """A subspace probed after the final norm is applied to the final norm's output."""
+    import copy
+
+    from lenssteer.extract import RepresentationError
+
+    normed = copy.copy(subspace)
+    normed.metadata = {**subspace.metadata, "representation": "final_norm"}
+    with torch.no_grad():
+        out = model(input_ids=IDS, output_hidden_states=True)
+        final = out.hidden_states[-1].double()  # after the final norm
+        basis = subspace.specific_basis[subspace.layer_position(3)].double()
+        expected = model.lm_head((final - final @ basis.T @ basis).float())
+        with subspace_steering(model, normed, "remove-specific", layers="-1"):
+            steered = model(input_ids=IDS).logits
+    torch.testing.assert_close(steered, expected, atol=1e-4, rtol=1e-4)
+    assert SubspaceBaseline(normed, layers="-1").describe()["representation"] == "final_norm"
+    with pytest.raises(RepresentationError, match="only at the last decoder layer"):
+        with subspace_steering(model, normed, "remove-specific", layers=[2, 3]):
+            pass
+    with pytest.raises(RepresentationError, match="only at the last decoder layer"):
+        SubspaceBaseline(normed, layers=[2, 3]).check(model)

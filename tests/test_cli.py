@@ -154,3 +154,24 @@ def test_train_presets_and_overrides(tiny_folder, corpus_file, tmp_path, capsys,
     assert hyper["alpha"] == 0.5  # the flag overrides the preset
     for name in ("pull_weight", "retain_weight", "learning_rate", "pull_space"):
         assert hyper[name] == getattr(expected, name), name
+
+
+def test_probe_and_train_at_the_final_norm(tiny_folder, corpus_file, tmp_path, capsys):
+    from lenssteer.adapter import SteeringAdapter
+
+    err = _error_of(
+        probe_args(tiny_folder, corpus_file, "--layers=top:2", "--representation", "final_norm"),
+        capsys,
+    )
+    assert "only at the last decoder layer (3)" in err
+    subspace = tmp_path / "sub"
+    args = probe_args(tiny_folder, corpus_file, "--layers=-1", "--representation", "final_norm")
+    assert main([*args, "--out", str(subspace)]) == 0
+    assert Subspace.load(subspace).metadata["representation"] == "final_norm"
+    train = ["train", "--model", tiny_folder, "--subspace", str(subspace), "--corpus", corpus_file]
+    train += ["--limit", "12", "--out", str(tmp_path / "adapter"), "--max-steps", "1"]
+    err = _error_of([*train, "--representation", "residual"], capsys)
+    assert "probed at representation 'final_norm'" in err
+    assert main(train) == 0  # the default is the subspace's representation
+    config = SteeringAdapter.from_pretrained(tmp_path / "adapter").config
+    assert config.representation["point"] == "final_norm" and config.loss_layers == [3]

@@ -167,3 +167,61 @@ def test_shared_prefix_gives_the_same_states(arch, pooling, tokenizer):
     # and a text alone (its prefix is then all but its last token) agrees with the batch
     alone = extract_states(model, tokenizer, TEXTS[3:4], [1, 3], progress=False, **kwargs)
     torch.testing.assert_close(alone[0], full[3], atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Representation point: the last layer's output after the final norm
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3", "gpt2"])
+def test_final_norm_equals_the_last_hidden_state(arch, padding_side, pooling, share_prefix, tokenizer):
+    """``final_norm`` at the last layer is ``output_hidden_states[-1]`` (what Lens reads)."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    tokenizer.padding_side = padding_side
+    states = extract_states(
+        model,
+        tokenizer,
+        TEXTS,
+        [3],
+        pooling=pooling,
+        chat_template=True,
+        batch_size=3,
+        cache_dir=False,
+        progress=False,
+        share_prefix=share_prefix,
+        representation="final_norm",
+    )
+    residual = extract_states(
+        model, tokenizer, TEXTS, [3], pooling=pooling, chat_template=True, cache_dir=False,
+        progress=False,
+    )
+    assert not torch.allclose(states, residual, atol=1e-3)  # the norm really changes the vector
+    for i, prompt in enumerate(format_texts(tokenizer, TEXTS, chat_template=True)):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            last = model(**ids, output_hidden_states=True).hidden_states[-1][0]
+        expected = last[-1] if pooling == "last" else last.mean(0)
+        torch.testing.assert_close(states[i, 0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_final_norm_only_at_the_last_layer(tokenizer, tmp_path):
+    from conftest import make_tiny_model
+
+    from lenssteer.extract import RepresentationError
+
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    with pytest.raises(RepresentationError, match="only at the last decoder layer \\(3\\)"):
+        extract_states(model, tokenizer, TEXTS, [2, 3], cache_dir=False, representation="final_norm")
+    with pytest.raises(RepresentationError, match="unknown representation"):
+        extract_states(model, tokenizer, TEXTS, [3], cache_dir=False, representation="logits")
+    # the cache keeps the two points apart
+    kwargs = dict(cache_dir=tmp_path, progress=False)
+    residual = extract_states(model, tokenizer, TEXTS, [3], **kwargs)
+    normed = extract_states(model, tokenizer, TEXTS, [3], representation="final_norm", **kwargs)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert not torch.allclose(residual, normed)

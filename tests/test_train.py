@@ -675,3 +675,181 @@ def test_training_data_save_load_round_trip(qwen, tokenizer, tmp_path):
     )
     batch, again = data.collate([0, 2]), loaded.collate([0, 2])
     assert all(torch.equal(batch[k], again[k]) for k in batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Representation point "final_norm": the last layer after the model's final norm (as Lens reads it)
+
+
+def make_final_norm_subspace(model, tokenizer, corpus):
+    """A subspace probed at the last layer after the final norm (as ``probe`` makes one)."""
+    from lenssteer.probe import probe_metadata
+
+    last = num_decoder_layers(model) - 1
+    states = extract_corpus(
+        model,
+        tokenizer,
+        corpus,
+        [last],
+        chat_template=True,
+        progress=False,
+        cache_dir=False,
+        representation="final_norm",
+    )
+    metadata = probe_metadata(model, tokenizer, corpus, "last", True, representation="final_norm")
+    return compute_subspace(
+        states, [last], corpus.central_language, diagnostics=False, metadata=metadata
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral", "phi3"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_final_norm_fast_path_equals_full_forward_and_last_hidden_state(arch, pooling, tokenizer):
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    corpus = tiny_corpus(4)
+    data = prepare_training_data(
+        model,
+        tokenizer,
+        corpus,
+        2,
+        [3],
+        pooling,
+        True,
+        batch_size=5,
+        progress=False,
+        representation="final_norm",
+    )
+    assert data.representation == "final_norm"
+    batch = data.collate([0, 1, 2, 3], layer_inputs=True, input_ids=True)
+    split = data.collate([0, 1, 2, 3], layer_inputs=True, split_prefix=True)
+    with torch.no_grad():
+        kwargs = dict(pooling=pooling, representation="final_norm")
+        plain = full_forward_states(model, batch["input_ids"], batch["attention_mask"], [3], **kwargs)
+        fast = top_layer_states(model, batch["layer_inputs"], batch["attention_mask"], 2, [3], **kwargs)
+        shared = top_layer_states(
+            model,
+            split["layer_inputs"],
+            split["suffix_mask"],
+            2,
+            [3],
+            prefix_inputs=split["prefix_inputs"],
+            **kwargs,
+        )
+        # transformers' own last hidden state (after the final norm), one text at a time
+        reference = []
+        for row in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][row].sum())
+            out = model(batch["input_ids"][row : row + 1, :length], output_hidden_states=True)
+            last = out.hidden_states[-1][0]
+            reference.append(last[-1] if pooling == "last" else last.mean(0))
+    reference = torch.stack(reference)[:, None]
+    for states in (fast, shared, plain):
+        torch.testing.assert_close(states, reference, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            states.reshape(data.frozen.shape), data.frozen, atol=1e-4, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("kind", ["lora", "layers"])
+def test_final_norm_fast_and_plain_losses_and_gradients_match(arch, kind, tokenizer):
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    corpus = tiny_corpus(6)
+    subspace = make_final_norm_subspace(model, tokenizer, corpus)
+    data = prepare_training_data(
+        model,
+        tokenizer,
+        corpus,
+        2,
+        [3],
+        "last",
+        True,
+        batch_size=4,
+        progress=False,
+        representation="final_norm",
+    )
+    batch = data.collate([0, 2, 3, 5], layer_inputs=True, input_ids=True, split_prefix=True)
+    config = quick_config(kind=kind, representation="final_norm")
+    with trainable_top_layers(model, [2, 3], config) as trainable:
+        params = trainable.parameters()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(0.05 * torch.randn_like(p))
+        module = LensTrainingModule(
+            model,
+            subspace.specific_basis,
+            subspace.directions.transpose(0, 1),
+            0,
+            2,
+            [3],
+            "last",
+            config.objective(),
+            agnostic=subspace.agnostic,
+            representation="final_norm",
+        )
+        results = {}
+        for fast in (True, False):
+            module.fast = fast
+            for p in params.values():
+                p.grad = None
+            out = module(**batch)
+            out["loss"].backward()
+            results[fast] = (
+                {k: v.detach() for k, v in out.items()},
+                {n: p.grad.clone() for n, p in params.items()},
+            )
+    (fast_losses, fast_grads), (plain_losses, plain_grads) = results[True], results[False]
+    assert set(fast_losses) == {"loss", "pull", "push", "retain"}
+    for key in fast_losses:
+        torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-4, atol=1e-9)
+    assert set(fast_grads) == set(plain_grads) and fast_grads
+    for name in fast_grads:
+        assert fast_grads[name].abs().sum() > 0, name
+        scale = plain_grads[name].abs().max().item()
+        torch.testing.assert_close(
+            fast_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4 * scale
+        )
+
+
+def test_final_norm_training_records_its_representation(qwen, tokenizer, tmp_path):
+    from lenssteer.adapter import SteeringAdapter
+    from lenssteer.train import heldout_report
+
+    corpus = tiny_corpus(8)
+    subspace = make_final_norm_subspace(qwen, tokenizer, corpus)
+    subspace.save(tmp_path / "subspace")
+    saved = json.loads((tmp_path / "subspace" / "subspace.json").read_text())
+    assert saved["representation"] == "final_norm"
+    config = quick_config(representation="final_norm")
+    adapter = train_lens(qwen, tokenizer, subspace, corpus, tmp_path / "a", config, progress=False)
+    loaded = SteeringAdapter.from_pretrained(tmp_path / "a")
+    assert loaded.config.representation["point"] == "final_norm"
+    assert loaded.config.subspace["representation"] == "final_norm"
+    assert loaded.config.hyperparameters["representation"] == "final_norm"
+    assert loaded.config.loss_layers == [3] and loaded.config.trained_layers == [2, 3]
+    report = heldout_report(qwen, tokenizer, adapter, subspace, tiny_corpus(8), progress=False)
+    assert set(report["layers"]) == {3}
+
+
+def test_representation_mismatch_is_an_error(setup, qwen, tokenizer, tmp_path):
+    _, corpus, residual_subspace = setup
+    with pytest.raises(TrainingError, match="probed at representation 'residual'"):
+        train_lens(
+            qwen,
+            tokenizer,
+            residual_subspace,
+            corpus,
+            tmp_path / "a",
+            quick_config(representation="final_norm"),
+            progress=False,
+        )
+    normed = make_final_norm_subspace(qwen, tokenizer, corpus)
+    with pytest.raises(TrainingError, match="--representation final_norm"):
+        train_lens(qwen, tokenizer, normed, corpus, tmp_path / "a", quick_config(), progress=False)
+    with pytest.raises(TrainingError, match="only at the last decoder layer"):
+        prepare_training_data(
+            qwen, tokenizer, corpus, 2, [2, 3], progress=False, representation="final_norm"
+        )
+    with pytest.raises(TrainingError, match="unknown representation"):
+        TrainConfig(representation="logits")
