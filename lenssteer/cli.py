@@ -378,11 +378,13 @@ def _add_train(subparsers) -> None:
     )
     parser.add_argument(
         "--preset",
-        choices=["lens", "quickstart"],
+        choices=["lens", "quickstart", "scale-free"],
         default="lens",
         help="starting hyper-parameters, each overridable below: 'lens' = the paper's (weights "
         "1/1/1, alpha 1, lr 1e-4, 1 epoch); 'quickstart' = tuned on the bundled Qwen2.5 (pull "
-        "100, push 1, retain 3, alpha 0.3, lr 3e-3, 4 epochs; docs/training.md). Default: lens",
+        "100, push 1, retain 3, alpha 0.3, lr 3e-3, 4 epochs; docs/training.md); 'scale-free' = "
+        "the quickstart with scale-free loss units (pull 1, push 3, retain 2), meant for any "
+        "model. Default: lens",
     )
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--epochs", type=float, help="epochs over the items")
@@ -404,6 +406,12 @@ def _add_train(subparsers) -> None:
         help="the point the losses read: 'residual' (layer outputs) or 'final_norm' (last layer "
         "after the final norm); must be the subspace's (default: the subspace's)",
     )
+    parser.add_argument(
+        "--normalization",
+        choices=["mse", "scale_free"],
+        help="units of the loss terms: 'mse' (Lens: mean squared error over hidden units) or "
+        "'scale_free' (shares of the frozen gap / |d|^2 / the English spread); default: the preset's",
+    )
     parser.set_defaults(handler=_run_train)
 
 
@@ -419,7 +427,7 @@ def _subspace_representation(folder: str) -> str | None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from lenssteer.train import QUICKSTART_CONFIG, TrainConfig, train_adapter
+    from lenssteer.train import QUICKSTART_CONFIG, SCALE_FREE_CONFIG, TrainConfig, train_adapter
 
     overrides = {
         "learning_rate": args.lr,
@@ -433,8 +441,11 @@ def _run_train(args: argparse.Namespace) -> int:
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,
         "representation": args.representation or _subspace_representation(args.subspace),
+        "normalization": args.normalization,
     }
-    base = QUICKSTART_CONFIG if args.preset == "quickstart" else TrainConfig()
+    base = {"quickstart": QUICKSTART_CONFIG, "scale-free": SCALE_FREE_CONFIG}.get(
+        args.preset, TrainConfig()
+    )
     config = dataclasses.replace(
         base,
         kind=args.kind,

@@ -19,12 +19,31 @@ Names follow the paper (arXiv 2410.04407); the official code swaps *pull* and *p
   d_k``), so the language keeps expressing itself, a little more strongly.
 * **retain**: the central language's state stays where the frozen model had it.
 
-Every term is a mean squared error over hidden units of an ``H``-dimensional difference vector
-(``torch.nn.MSELoss`` on ``(..., H)``, as Lens): the squared distance divided by ``H``. The terms'
-sizes therefore differ by orders of magnitude (a one-dimensional pull is tiny next to a push of a
-whole language direction), so the weights are tuned per model: see ``QUICKSTART_CONFIG`` in
-:mod:`lenssteer.train` and ``docs/training.md``. ``alpha`` is a separate parameter, never a loss
-weight. A term whose weight is 0 is not computed (and may need no frozen input).
+Two normalisations (``LensObjective.normalization``) say in which units a term is measured:
+
+* ``"mse"`` (default; Lens, and every adapter made before the option existed): each term is a mean
+  squared error over hidden units of an ``H``-dimensional difference vector (``torch.nn.MSELoss``
+  on ``(..., H)``): the squared distance divided by ``H``. The terms' sizes then differ by orders of
+  magnitude (a one-dimensional pull is tiny next to a push of a whole language direction) and with
+  the model's scale (|d| is about 56 on Qwen2.5's residual stream), so the weights are tuned per
+  model: see ``QUICKSTART_CONFIG`` in :mod:`lenssteer.train` and ``docs/training.md``.
+* ``"scale_free"``: each squared distance is divided by a unit that means the same on every model,
+  so one set of weights can serve all of them:
+
+  - pull: by the *frozen gap* in the pull space, ``s_pull[l]`` = the mean over training items and
+    target languages of ``|P(h⁰_t - h⁰_c)|²`` (:func:`loss_scales`). Pull is 1 before training (on
+    average over the training set) and 0 when every target coincides with the central language
+    along the pulled component; 0.49 means the gap shrank by 30%.
+  - push: by the squared length of the language's direction, ``|d_t|²``: push is ``alpha²`` before
+    training and 0 when each specific component moved exactly ``alpha d_t``.
+  - retain: by the spread of the frozen central states, ``s_retain[l]`` = the mean over training
+    items of ``|h⁰_c - mean(h⁰_c)|²``; retain is then the held-out report's ``retain_mse_rel``
+    (the central language's drift as a share of its variance).
+
+  Means are then taken over items, target languages and layers as before (no division by ``H``).
+
+``alpha`` is a separate parameter, never a loss weight. A term whose weight is 0 is not computed
+(and may need no frozen input).
 
 Shapes: ``B`` items, ``K`` languages (central included), ``T = K - 1`` target languages, ``L`` loss
 layers, ``H`` hidden size, ``r`` rank of the specific subspace.
@@ -38,11 +57,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 PULL_SPACES = ("direction", "complement")
+NORMALIZATIONS = ("mse", "scale_free")
 
 __all__ = [
+    "NORMALIZATIONS",
     "PULL_SPACES",
     "LensObjective",
     "lens_losses",
+    "loss_scales",
     "pull_loss",
     "push_loss",
     "retain_loss",
@@ -56,8 +78,8 @@ class LensObjective:
 
     ``pull_weight``, ``push_weight`` and ``retain_weight`` multiply their (mean squared error) terms;
     any of them may be 0, but not all. ``alpha`` scales the language direction added to the frozen
-    specific component in *push*. ``pull_space``: ``"direction"`` or ``"complement"`` (module
-    docstring).
+    specific component in *push*. ``pull_space``: ``"direction"`` or ``"complement"``;
+    ``normalization``: ``"mse"`` or ``"scale_free"`` (module docstring).
     """
 
     pull_weight: float = 1.0
@@ -65,11 +87,17 @@ class LensObjective:
     retain_weight: float = 1.0
     alpha: float = 1.0
     pull_space: str = "direction"
+    normalization: str = "mse"
 
     def __post_init__(self) -> None:
         if self.pull_space not in PULL_SPACES:
             raise ValueError(
                 f"pull_space {self.pull_space!r} is unknown; choose one of {', '.join(PULL_SPACES)}"
+            )
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization {self.normalization!r} is unknown; choose one of "
+                f"{', '.join(NORMALIZATIONS)}"
             )
         for name in ("pull_weight", "push_weight", "retain_weight", "alpha"):
             value = getattr(self, name)
@@ -99,6 +127,7 @@ def pull_loss(
     frozen_central: torch.Tensor,
     basis: torch.Tensor,
     agnostic_direction: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared gap between target and frozen central states along the agnostic component.
 
@@ -106,14 +135,19 @@ def pull_loss(
     the frozen model's central-language states of the same items; ``basis``: ``(L, r, H)``.
     With ``agnostic_direction`` ``(L, H)`` (unit vectors) the gap is its projection on that
     direction (``pull_space="direction"``); without, the gap outside the specific subspace
-    (``"complement"``). Either way the mean is over ``B, T, L`` and the ``H`` hidden units.
+    (``"complement"``). Either way the mean is over ``B, T, L`` and the ``H`` hidden units; with
+    ``scale`` ``(L,)`` the squared gap is divided by ``scale[l]`` instead of ``H``.
     """
     difference = target - frozen_central.detach().unsqueeze(1)
     if agnostic_direction is not None:
         coordinate = torch.einsum("btlh,lh->btl", difference, agnostic_direction)
-        return coordinate.pow(2).mean() / difference.shape[-1]  # |c â|² / H
-    agnostic_difference = difference - specific_part(difference, basis)
-    return agnostic_difference.pow(2).mean()
+        squared = coordinate.pow(2)  # |c â|², (B, T, L)
+    else:
+        agnostic_difference = difference - specific_part(difference, basis)
+        squared = agnostic_difference.pow(2).sum(-1)
+    if scale is not None:
+        return (squared / scale.detach()).mean()
+    return squared.mean() / difference.shape[-1]
 
 
 def push_loss(
@@ -122,19 +156,71 @@ def push_loss(
     directions: torch.Tensor,
     basis: torch.Tensor,
     alpha: float,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared distance of the specific component from ``frozen + alpha * direction``.
 
     ``target``, ``frozen_target``: ``(B, T, L, H)``; ``directions``: ``(T, L, H)`` the target
-    languages' directions (already inside the specific subspace); ``basis``: ``(L, r, H)``.
+    languages' directions (already inside the specific subspace); ``basis``: ``(L, r, H)``. The mean
+    is over ``B, T, L`` and ``H``; with ``scale`` ``(T, L)`` (``|d_t|²`` for ``"scale_free"``) each
+    squared distance is divided by ``scale[t, l]`` instead of ``H``.
     """
     moved = specific_part(target - frozen_target.detach(), basis)
-    return (moved - alpha * directions).pow(2).mean()
+    squared = (moved - alpha * directions).pow(2)
+    if scale is not None:
+        return (squared.sum(-1) / scale.detach()).mean()
+    return squared.mean()
 
 
-def retain_loss(central: torch.Tensor, frozen_central: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance of the central language's states from the frozen ones. ``(B, L, H)``."""
-    return (central - frozen_central.detach()).pow(2).mean()
+def retain_loss(
+    central: torch.Tensor, frozen_central: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared distance of the central language's states from the frozen ones. ``(B, L, H)``.
+
+    With ``scale`` ``(L,)`` each squared distance is divided by ``scale[l]`` instead of ``H``.
+    """
+    squared = (central - frozen_central.detach()).pow(2)
+    if scale is not None:
+        return (squared.sum(-1) / scale.detach()).mean()
+    return squared.mean()
+
+
+def loss_scales(
+    frozen: torch.Tensor,
+    basis: torch.Tensor,
+    central_index: int,
+    agnostic_direction: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The ``"scale_free"`` units of pull and retain, from the frozen states of the training set.
+
+    ``frozen``: ``(N, K, L, H)``; ``basis``: ``(L, r, H)``; ``agnostic_direction``: ``(L, H)`` unit
+    vectors for ``pull_space="direction"`` (``None``: the complement of the specific subspace).
+    Returns ``{"pull": (L,), "retain": (L,)}``: the frozen gap ``mean |P(h⁰_t - h⁰_c)|²`` over items
+    and target languages, and the central states' spread ``mean |h⁰_c - mean(h⁰_c)|²`` over items.
+    Raises ``ValueError`` where a unit is 0 (identical texts, or a single item).
+    """
+    frozen = frozen.detach().double()
+    n_languages = frozen.shape[1]
+    targets = [k for k in range(n_languages) if k != central_index]
+    central = frozen[:, central_index]
+    scales: dict[str, torch.Tensor] = {}
+    if targets:
+        difference = frozen[:, targets] - central.unsqueeze(1)
+        if agnostic_direction is not None:
+            gap = torch.einsum("btlh,lh->btl", difference, agnostic_direction.double()).pow(2)
+        else:
+            outside = difference - specific_part(difference, basis.double())
+            gap = outside.pow(2).sum(-1)
+        scales["pull"] = gap.mean(dim=(0, 1))
+    scales["retain"] = (central - central.mean(0)).pow(2).sum(-1).mean(0)
+    for name, value in scales.items():
+        if not bool((value > 0).all()):
+            raise ValueError(
+                f"the {name} unit of the scale-free objective is 0 at some layer ({value.tolist()}): "
+                "the training items need at least 2 distinct texts per language that differ across "
+                "languages"
+            )
+    return {name: value.float() for name, value in scales.items()}
 
 
 def lens_losses(
@@ -145,12 +231,15 @@ def lens_losses(
     central_index: int,
     objective: LensObjective,
     agnostic_direction: torch.Tensor | None = None,
+    scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted Lens loss and its unweighted terms.
 
     ``states``, ``frozen``: ``(B, K, L, H)`` current and frozen states of every language;
     ``basis``: ``(L, r, H)``; ``directions``: ``(K, L, H)`` (the central row is ignored);
-    ``agnostic_direction``: ``(L, H)`` unit vectors, required for ``pull_space="direction"``.
+    ``agnostic_direction``: ``(L, H)`` unit vectors, required for ``pull_space="direction"``;
+    ``scales``: the units of :func:`loss_scales` (``{"pull": (L,), "retain": (L,)}``, computed on
+    the whole training set), required for ``normalization="scale_free"``.
     Returns ``{"loss", "pull", "push", "retain"}``, leaving out terms whose weight is 0.
     """
     n_languages = states.shape[1]
@@ -161,6 +250,10 @@ def lens_losses(
     if not 0 <= central_index < n_languages:
         raise ValueError(f"central_index {central_index} out of range for {n_languages} languages")
     targets = [k for k in range(n_languages) if k != central_index]
+    scale_free = objective.normalization == "scale_free"
+    if scale_free and scales is None:
+        raise ValueError('normalization="scale_free" needs the loss scales (see loss_scales)')
+    scales = scales if scale_free else {}
     terms: dict[str, torch.Tensor] = {}
     total = states.new_zeros(())
     if objective.pull_weight and targets:
@@ -171,14 +264,25 @@ def lens_losses(
             frozen[:, central_index],
             basis,
             agnostic_direction if objective.pull_space == "direction" else None,
+            scale=scales.get("pull"),
         )
         total = total + objective.pull_weight * terms["pull"]
     if objective.push_weight and targets:
+        push_scale = None
+        if scale_free:  # |d_t|², (T, L)
+            push_scale = directions[targets].detach().pow(2).sum(-1).clamp_min(1e-12)
         terms["push"] = push_loss(
-            states[:, targets], frozen[:, targets], directions[targets], basis, objective.alpha
+            states[:, targets],
+            frozen[:, targets],
+            directions[targets],
+            basis,
+            objective.alpha,
+            scale=push_scale,
         )
         total = total + objective.push_weight * terms["push"]
     if objective.retain_weight:
-        terms["retain"] = retain_loss(states[:, central_index], frozen[:, central_index])
+        terms["retain"] = retain_loss(
+            states[:, central_index], frozen[:, central_index], scale=scales.get("retain")
+        )
         total = total + objective.retain_weight * terms["retain"]
     return {"loss": total, **terms}

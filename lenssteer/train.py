@@ -65,7 +65,7 @@ from lenssteer.hooks import (
     stop_after,
 )
 from lenssteer.models import ModuleNames, find_decoder_layers, model_identity
-from lenssteer.objectives import LensObjective, lens_losses
+from lenssteer.objectives import LensObjective, lens_losses, loss_scales
 
 __all__ = [
     "KINDS",
@@ -99,6 +99,10 @@ class TrainConfig:
     ``representation``: the point the losses read, ``"residual"`` (layer outputs) or
     ``"final_norm"`` (the last layer after the model's final norm, as Lens; the subspace must have
     been probed there, and the losses are then taken at the last layer only).
+    ``normalization``: the units of the loss terms, ``"mse"`` (Lens; the weights depend on the
+    model's scale) or ``"scale_free"`` (pull as a share of the frozen gap, push in units of the
+    direction's squared length, retain as a share of the central states' spread; see
+    :mod:`lenssteer.objectives`).
     """
 
     kind: str = "lora"
@@ -130,6 +134,7 @@ class TrainConfig:
     save_steps: int = 0
     save_total_limit: int = 2
     representation: str = "residual"
+    normalization: str = "mse"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -153,6 +158,7 @@ class TrainConfig:
                 self.retain_weight,
                 self.alpha,
                 self.pull_space,
+                self.normalization,
             )
         except ValueError as error:
             raise TrainingError(str(error)) from None
@@ -837,10 +843,14 @@ class LensTrainingModule(nn.Module):
         module_names: ModuleNames | None = None,
         agnostic: torch.Tensor | None = None,
         representation: str = "residual",
+        scales: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.representation = representation
+        self.scale_names = sorted(scales or {})
+        for name in self.scale_names:  # the scale-free units (objectives.loss_scales)
+            self.register_buffer(f"{name}_scale", scales[name].float(), persistent=False)
         self.register_buffer("basis", basis.float(), persistent=False)
         self.register_buffer("directions", directions.float(), persistent=False)
         unit = None
@@ -915,6 +925,7 @@ class LensTrainingModule(nn.Module):
             self.central_index,
             self.objective,
             self.agnostic_direction,
+            {name: getattr(self, f"{name}_scale") for name in self.scale_names} or None,
         )
 
 
@@ -1175,6 +1186,18 @@ def train_lens(
     basis = subspace.specific_basis[positions]  # (L, r, H)
     directions = subspace.directions[positions][:, language_positions].transpose(0, 1)  # (K, L, H)
     agnostic = subspace.agnostic[positions]  # (L, H)
+    scales = None
+    if objective.normalization == "scale_free":
+        unit = agnostic.float() / agnostic.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        try:
+            scales = loss_scales(
+                data.frozen,
+                basis.float(),
+                data.central_index,
+                unit if objective.pull_space == "direction" else None,
+            )
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
 
     set_seed(config.seed)
     with trainable_top_layers(model, trained, config, module_names) as trainable:
@@ -1191,6 +1214,7 @@ def train_lens(
             module_names=module_names,
             agnostic=agnostic,
             representation=config.representation,
+            scales=scales,
         )
         _check_reproduces_frozen(module, data, split_prefix=config.share_prefix)
 
@@ -1264,6 +1288,16 @@ def train_lens(
             "last_log": history[-1] if history else None,
             "processes": trainer.args.world_size,
         }
+        if scales is not None:  # the units the scale-free terms were measured in, per loss layer
+            adapter_config.metrics["loss_scales"] = {
+                "layers": list(loss_layers),
+                **{name: value.tolist() for name, value in scales.items()},
+                "push_direction_sq": {  # |d_t|², per target language and loss layer
+                    language: directions[k].pow(2).sum(-1).tolist()
+                    for k, language in enumerate(data.languages)
+                    if k != data.central_index
+                },
+            }
         adapter = SteeringAdapter(adapter_config, weights, lora_dict)
         adapter.log_history = list(trainer.state.log_history)
         if out_path is not None and trainer.is_world_process_zero():
@@ -1604,6 +1638,18 @@ QUICKSTART_CONFIG = TrainConfig(
     warmup_ratio=0.05,
     weight_decay=0.0,
     seed=0,
+)
+
+# The quickstart's settings with every term in scale-free units (objectives module docstring): pull
+# as a share of the frozen gap, push in units of |d|², retain as a share of the English states'
+# spread. The weights are the quickstart's converted to those units on the bundled Qwen2.5
+# (docs/training.md, "Scale-free objectives"), a starting point for every model, not tuned per model.
+SCALE_FREE_CONFIG = dataclasses.replace(
+    QUICKSTART_CONFIG,
+    normalization="scale_free",
+    pull_weight=1.0,
+    push_weight=3.0,
+    retain_weight=2.0,
 )
 
 

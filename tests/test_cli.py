@@ -120,10 +120,10 @@ def test_help_explains_every_command(capsys):
     assert "language-ID accuracy" in " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("preset", ["lens", "quickstart"])
+@pytest.mark.parametrize("preset", ["lens", "quickstart", "scale-free"])
 def test_train_presets_and_overrides(tiny_folder, corpus_file, tmp_path, capsys, preset):
     from lenssteer.adapter import SteeringAdapter
-    from lenssteer.train import QUICKSTART_CONFIG, TrainConfig
+    from lenssteer.train import QUICKSTART_CONFIG, SCALE_FREE_CONFIG, TrainConfig
 
     subspace = tmp_path / "sub"
     assert main(probe_args(tiny_folder, corpus_file, "--layers=top:2", "--out", str(subspace))) == 0
@@ -150,9 +150,10 @@ def test_train_presets_and_overrides(tiny_folder, corpus_file, tmp_path, capsys,
     assert main(args) == 0
     assert "1 steps" in capsys.readouterr().out
     hyper = SteeringAdapter.from_pretrained(out).config.hyperparameters
-    expected = QUICKSTART_CONFIG if preset == "quickstart" else TrainConfig()
+    presets = {"quickstart": QUICKSTART_CONFIG, "scale-free": SCALE_FREE_CONFIG}
+    expected = presets.get(preset, TrainConfig())
     assert hyper["alpha"] == 0.5  # the flag overrides the preset
-    for name in ("pull_weight", "retain_weight", "learning_rate", "pull_space"):
+    for name in ("pull_weight", "retain_weight", "learning_rate", "pull_space", "normalization"):
         assert hyper[name] == getattr(expected, name), name
 
 

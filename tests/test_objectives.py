@@ -205,3 +205,99 @@ def test_central_index_other_than_zero():
     straight = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=2.0), Y_AXIS)
     for key in straight:
         assert swapped[key].item() == pytest.approx(straight[key].item())
+
+
+# --------------------------------------------------------------------------------------------------
+# normalization="scale_free": each squared distance in a unit that means the same on every model
+
+
+def test_scale_free_terms_by_hand():
+    target = t([3.0, 4.0]).reshape(1, 1, 1, 2)
+    frozen_central = t([1.0, 1.0]).reshape(1, 1, 2)
+    # pull (complement of x): squared gap 9, unit 4 -> 9 / 4 (no division by H)
+    assert pull_loss(target, frozen_central, X_AXIS, scale=torch.tensor([4.0])).item() == (
+        pytest.approx(2.25)
+    )
+    # along (0.6, 0.8): coordinate 3.6, squared 12.96, unit 3.24 -> 4
+    unit = torch.tensor([[0.6, 0.8]])
+    assert pull_loss(
+        target, frozen_central, X_AXIS, unit, scale=torch.tensor([3.24])
+    ).item() == pytest.approx(4.0)
+    # push: moved specific (1, 0) - 2 * d with d = (3, 0): (-5, 0), squared 25, unit |d|^2 = 9
+    frozen_target = t([2.0, 0.0]).reshape(1, 1, 1, 2)
+    direction = t([3.0, 0.0]).reshape(1, 1, 2)
+    assert push_loss(
+        target, frozen_target, direction, X_AXIS, 2.0, scale=torch.tensor([[9.0]])
+    ).item() == pytest.approx(25 / 9)
+    # retain: squared distances 1 and 4 (two items), unit 2 -> mean(0.5, 2)
+    central = t([[1.0, 2.0]], [[0.0, 0.0]]).reshape(2, 1, 2)
+    frozen = t([[1.0, 1.0]], [[2.0, 0.0]]).reshape(2, 1, 2)
+    assert retain_loss(central, frozen, scale=torch.tensor([2.0])).item() == pytest.approx(1.25)
+
+
+def test_loss_scales_by_hand():
+    from lenssteer.objectives import loss_scales
+
+    # (N=2, K=2, L=1, H=2), language 0 central: central states (1, 1) and (3, 1)
+    frozen = torch.tensor([[[[1.0, 1.0]], [[2.0, 3.0]]], [[[3.0, 1.0]], [[3.0, 2.0]]]])
+    # gaps (1, 2) and (0, 1); along y: 4 and 1 -> 2.5; outside x: the same here
+    # central spread: mean (2, 1); deviations (-1, 0), (1, 0) -> 1
+    along = loss_scales(frozen, X_AXIS, 0, Y_AXIS)
+    torch.testing.assert_close(along["pull"], torch.tensor([2.5]))
+    torch.testing.assert_close(along["retain"], torch.tensor([1.0]))
+    outside = loss_scales(frozen, torch.tensor([[[0.0, 1.0]]]), 0)  # specific = y: keeps x
+    torch.testing.assert_close(outside["pull"], torch.tensor([0.5]))  # (1 + 0) / 2
+    with pytest.raises(ValueError, match="unit of the scale-free objective is 0"):
+        loss_scales(frozen[:1], X_AXIS, 0, Y_AXIS)  # one item: no spread
+
+
+def test_scale_free_lens_losses_start_at_one_and_alpha_squared():
+    """Before training (states == frozen) pull is 1 on the set the unit came from, push alpha²."""
+    from lenssteer.objectives import loss_scales
+
+    generator = torch.Generator().manual_seed(0)
+    frozen = torch.randn(6, 3, 2, 5, generator=generator)  # (N, K, L, H)
+    basis = torch.linalg.qr(torch.randn(5, 2, generator=generator))[0].T.reshape(1, 2, 5)
+    basis = basis.expand(2, 2, 5).contiguous()
+    agnostic = torch.nn.functional.normalize(torch.randn(2, 5, generator=generator), dim=-1)
+    directions = specific_part(torch.randn(3, 2, 5, generator=generator), basis)
+    directions[0] = 0
+    scales = loss_scales(frozen, basis, 0, agnostic)
+    objective = LensObjective(alpha=0.3, normalization="scale_free")
+    out = lens_losses(frozen.clone(), frozen, basis, directions, 0, objective, agnostic, scales)
+    assert out["pull"].item() == pytest.approx(1.0, rel=1e-5)
+    assert out["push"].item() == pytest.approx(0.09, rel=1e-5)
+    assert out["retain"].item() == pytest.approx(0.0)
+    # scaling every state (another model's scale) changes no term
+    scaled = 37.0 * frozen
+    big = lens_losses(
+        scaled + 37.0 * 0.1,
+        scaled,
+        basis,
+        37.0 * directions,
+        0,
+        objective,
+        agnostic,
+        loss_scales(scaled, basis, 0, agnostic),
+    )
+    small = lens_losses(frozen + 0.1, frozen, basis, directions, 0, objective, agnostic, scales)
+    for key in small:
+        assert big[key].item() == pytest.approx(small[key].item(), rel=1e-4)
+    # the raw form is not scale-free
+    raw = LensObjective(alpha=0.3)
+    assert lens_losses(scaled + 3.7, scaled, basis, 37 * directions, 0, raw, agnostic)[
+        "retain"
+    ].item() == pytest.approx(37**2 * 0.01, rel=1e-4)
+
+
+def test_scale_free_needs_its_scales_and_a_known_normalization():
+    states, frozen, directions = _two_language_batch()
+    objective = LensObjective(normalization="scale_free")
+    with pytest.raises(ValueError, match="needs the loss scales"):
+        lens_losses(states, frozen, X_AXIS, directions, 0, objective, Y_AXIS)
+    with pytest.raises(ValueError, match="normalization"):
+        LensObjective(normalization="unit")
+    # in the raw form the scales are ignored
+    scales = {"pull": torch.tensor([100.0]), "retain": torch.tensor([100.0])}
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=2.0), Y_AXIS, scales)
+    assert out["pull"].item() == pytest.approx(4.5) and out["retain"].item() == pytest.approx(0.5)

@@ -853,3 +853,41 @@ def test_representation_mismatch_is_an_error(setup, qwen, tokenizer, tmp_path):
         )
     with pytest.raises(TrainingError, match="unknown representation"):
         TrainConfig(representation="logits")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scale-free loss units
+
+
+def test_scale_free_training_starts_at_unit_pull_and_records_its_units(setup, tokenizer, tmp_path):
+    from lenssteer.objectives import loss_scales
+
+    model, corpus, subspace = setup
+    config = quick_config(normalization="scale_free", alpha=0.5, learning_rate=1e-3, batch_size=8)
+    adapter = train_lens(model, tokenizer, subspace, corpus, tmp_path / "a", config, progress=False)
+    first = adapter.config.metrics["train"]["first_log"]
+    # one batch holds every item: before the first step pull is 1 and push alpha² (by definition)
+    assert first["loss_pull"] == pytest.approx(1.0, rel=1e-3)
+    assert first["loss_push"] == pytest.approx(0.25, rel=1e-3)
+    recorded = adapter.config.metrics["loss_scales"]
+    assert recorded["layers"] == [2, 3] and set(recorded["push_direction_sq"]) == {"fr", "de"}
+    data = prepare_training_data(model, tokenizer, corpus, 2, [2, 3], "last", True, progress=False)
+    unit = torch.nn.functional.normalize(subspace.agnostic, dim=-1)
+    expected = loss_scales(data.frozen, subspace.specific_basis, 0, unit)
+    for name in ("pull", "retain"):
+        torch.testing.assert_close(torch.tensor(recorded[name]), expected[name], rtol=1e-4, atol=0)
+    assert adapter.config.hyperparameters["normalization"] == "scale_free"
+
+
+def test_an_adapter_config_without_normalization_means_mse():
+    """Adapters made before the option (the shipped one) keep their meaning: raw MSE units."""
+    from lenssteer.adapter import SteeringAdapter
+
+    folder = Path(__file__).resolve().parents[1] / "checkpoints"
+    shipped = sorted(folder.glob("*/adapter_config.json"))
+    assert shipped, "the shipped adapter is missing"
+    adapter = SteeringAdapter.from_pretrained(shipped[0].parent)
+    assert "normalization" not in adapter.config.hyperparameters
+    config = TrainConfig.from_dict(adapter.config.hyperparameters)
+    assert config.normalization == "mse" and config.representation == "residual"
+    assert config.objective().normalization == "mse"
