@@ -14,13 +14,26 @@ A folder holds two files:
 
 Nothing is pickled, no ``torch.load``, and no code named in a config is ever imported. Loading into
 a model with another hidden size, layer count or weights fingerprint is an :class:`AdapterError`.
+
+An adapter folder is untrusted input. Of its PEFT keys, only plain LoRA reaches PEFT
+(:data:`LORA_KEYS_PASSED`: rank, alpha, dropout, target modules, bias ``"none"``, fan_in_fan_out,
+rsLoRA, the layer restrictions); PEFT's bookkeeping keys are read and dropped
+(:data:`LORA_KEYS_RECORDED`); every other PEFT feature is accepted only at the value that leaves it
+off (:data:`LORA_KEYS_OFF`: no DoRA, no PiSSA/LoftQ/OLoRA/CorDA/EVA initialisation that rewrites
+base weights, no layer replication, no Megatron module import, no ``modules_to_save``, no
+``auto_mapping``...). Anything else is an :class:`AdapterError` naming the key. Weights must be
+finite; a ``layers`` adapter may only hold parameters of the decoder layers it names. After
+``apply()`` (the base weights outside the adapter) and after ``remove()`` (all of them) the base
+model's weights fingerprint is computed again; a change is an error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,7 +45,12 @@ from torch import nn
 
 from lenssteer import __version__
 from lenssteer.io import atomic_directory, atomic_save_tensors, atomic_write_json
-from lenssteer.models import model_identity, num_decoder_layers, weights_fingerprint
+from lenssteer.models import (
+    find_decoder_layers,
+    model_identity,
+    num_decoder_layers,
+    weights_fingerprint,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -42,6 +60,7 @@ __all__ = [
     "AppliedAdapter",
     "SteeringAdapter",
     "base_model_description",
+    "check_base_weights",
 ]
 
 FORMAT_VERSION = 1
@@ -52,6 +71,167 @@ KINDS = ("lora", "layers")
 
 class AdapterError(ValueError):
     """An adapter folder that cannot be read, or an adapter that does not fit the given model."""
+
+
+# -- what an adapter's PEFT keys may say ------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+#: Keys handed to PEFT's ``LoraConfig``, each with the values it may take (plain LoRA).
+LORA_KEYS_PASSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _is_int(v) and 0 < v <= 4096, "an integer from 1 to 4096"),
+    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "target_modules": (lambda v: _str_list(v) and len(v) > 0, "a non-empty list of module names"),
+    "exclude_modules": (_optional(_str_list), "null or a list of module names"),
+    "bias": (lambda v: v == "none", '"none"'),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "init_lora_weights": (
+        lambda v: v is True or v is False or v == "gaussian",
+        'true, false or "gaussian" (initialisations that rewrite the base weights are refused)',
+    ),
+    "layers_to_transform": (
+        _optional(lambda v: _is_int(v) or (isinstance(v, list) and all(map(_is_int, v)))),
+        "null, a layer index or a list of them",
+    ),
+    "layers_pattern": (
+        _optional(lambda v: isinstance(v, str) or _str_list(v)),
+        "null, a name or a list of names",
+    ),
+    "task_type": (lambda v: v in (None, "CAUSAL_LM"), 'null or "CAUSAL_LM"'),
+}
+
+#: PEFT's bookkeeping keys: read, checked, never handed on (``inference_mode`` is ours to set).
+LORA_KEYS_RECORDED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "peft_type": (lambda v: v == "LORA", '"LORA"'),
+    "peft_version": (_optional(lambda v: isinstance(v, str)), "a version string"),
+    "base_model_name_or_path": (_optional(lambda v: isinstance(v, str)), "null or a string"),
+    "revision": (_optional(lambda v: isinstance(v, str)), "null or a string"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "qalora_group_size": (_is_int, "an integer (unused without QA-LoRA)"),
+}
+
+
+def _off(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
+    def check(value: Any) -> bool:
+        return any(value == a and type(value) is type(a) for a in allowed)
+
+    return check, " or ".join(json.dumps(a) for a in allowed) + " (the feature is not supported)"
+
+
+#: Every other PEFT LoRA feature: accepted only at the value that leaves it off, never handed on.
+#: Among them the ones an attacker wants: ``megatron_config`` (imports the module named by
+#: ``megatron_core``), ``init_lora_weights``-style configs that rewrite base weights (``loftq``,
+#: ``eva``, ``corda``, ``lora_ga``), ``layer_replication`` (adds decoder layers), ``auto_mapping``
+#: (names classes to import), ``modules_to_save`` and ``trainable_token_indices`` (replace base
+#: modules), ``use_dora`` (not supported: not tested with lenssteer's apply/remove).
+LORA_KEYS_OFF: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "auto_mapping": _off(None),
+    "modules_to_save": _off(None, []),
+    "rank_pattern": _off({}, None),
+    "alpha_pattern": _off({}, None),
+    "megatron_config": _off(None),
+    "megatron_core": _off("megatron.core", None),
+    "trainable_token_indices": _off(None),
+    "loftq_config": _off({}, None),
+    "eva_config": _off(None),
+    "corda_config": _off(None),
+    "lora_ga_config": _off(None),
+    "velora_config": _off(None),
+    "monteclora_config": _off(None),
+    "kasa_config": _off(None),
+    "arrow_config": _off(None),
+    "alora_invocation_tokens": _off(None),
+    "use_dora": _off(False),
+    "use_qalora": _off(False),
+    "use_bdlora": _off(None, False),
+    "layer_replication": _off(None),
+    "lora_bias": _off(False),
+    "target_parameters": _off(None, []),
+    "ensure_weight_tying": _off(False),
+    "runtime_config": _off({}, {"ephemeral_gpu_offload": False}),
+}
+
+
+def check_lora_config(data: dict[str, Any], source: str = "adapter config") -> dict[str, Any]:
+    """Validate an adapter's PEFT keys against the allow-list; return the keys PEFT may see.
+
+    Raises :class:`AdapterError` naming the first key that is unknown or has a value outside what
+    lenssteer accepts (see the module docstring). Nothing in ``data`` is imported or called.
+    """
+    passed: dict[str, Any] = {}
+    for key in sorted(data):
+        value = data[key]
+        for table in (LORA_KEYS_PASSED, LORA_KEYS_RECORDED, LORA_KEYS_OFF):
+            if key in table:
+                check, expected = table[key]
+                try:
+                    ok = bool(check(value))
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise AdapterError(
+                        f"{source}: PEFT key {key!r} = {json.dumps(value, default=str)[:80]} is "
+                        f"refused; lenssteer accepts {expected}"
+                    )
+                if table is LORA_KEYS_PASSED:
+                    passed[key] = value
+                break
+        else:
+            raise AdapterError(
+                f"{source}: PEFT key {key!r} is not one lenssteer accepts (plain LoRA only); "
+                "refusing to load the adapter"
+            )
+    for key in ("peft_type", "r", "target_modules"):
+        if key not in data:
+            raise AdapterError(f"{source}: a LoRA adapter needs PEFT's key {key!r}")
+    return passed
+
+
+def _sampled_fingerprint(named: Iterable[tuple[str, torch.Tensor]], samples: int = 256) -> str:
+    """:func:`lenssteer.models.weights_fingerprint` over given (name, tensor) pairs."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        sample = flat[::step][:samples].to(torch.float32).cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_base_weights(model: nn.Module, expected: str | None = None, when: str = "") -> str:
+    """Recompute ``model``'s weights fingerprint; raise :class:`AdapterError` if it is not ``expected``.
+
+    ``expected`` defaults to the fingerprint recorded when the model was loaded
+    (``model.lenssteer_identity``). Returns the fingerprint. Used after an adapter is applied or
+    removed and by ``compare`` before each system: weights that changed under a run stop it.
+    """
+    if expected is None:
+        expected = model_identity(model)["fingerprint"]
+    actual = weights_fingerprint(model)
+    if actual != expected:
+        raise AdapterError(
+            f"the base model's weights changed{' ' + when if when else ''} (fingerprint {actual}, "
+            f"expected {expected}); stopping so that nothing is scored on a changed model"
+        )
+    return actual
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -110,6 +290,60 @@ class AdapterConfig:
         if self.kind not in KINDS:
             raise AdapterError(f"adapter kind {self.kind!r} is unknown; expected one of {KINDS}")
 
+    def validate(self, source: str = "adapter config") -> None:
+        """Check the types and values of every field (raises :class:`AdapterError` naming it)."""
+        checks: list[tuple[str, bool, str]] = [
+            ("format_version", _is_int(self.format_version), "an integer"),
+            ("lenssteer_version", isinstance(self.lenssteer_version, str), "a string"),
+            ("base_model", isinstance(self.base_model, dict), "an object"),
+            (
+                "trained_layers",
+                isinstance(self.trained_layers, list)
+                and bool(self.trained_layers)
+                and all(_is_int(i) and i >= 0 for i in self.trained_layers),
+                "a non-empty list of layer indices",
+            ),
+            (
+                "loss_layers",
+                isinstance(self.loss_layers, list) and all(map(_is_int, self.loss_layers)),
+                "a list of layer indices",
+            ),
+            (
+                "languages",
+                _str_list(self.languages) and bool(self.languages),
+                "a non-empty list of language codes",
+            ),
+            ("central_language", isinstance(self.central_language, str), "a language code"),
+            ("hyperparameters", isinstance(self.hyperparameters, dict), "an object"),
+            ("representation", isinstance(self.representation, dict), "an object"),
+            ("subspace", isinstance(self.subspace, dict), "an object"),
+            ("metrics", isinstance(self.metrics, dict), "an object"),
+            ("data_hash", self.data_hash is None or isinstance(self.data_hash, str), "a string"),
+            (
+                "weights_sha256",
+                self.weights_sha256 is None
+                or (
+                    isinstance(self.weights_sha256, str)
+                    and len(self.weights_sha256) == 64
+                    and all(c in "0123456789abcdef" for c in self.weights_sha256)
+                ),
+                "a sha256 hex digest",
+            ),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                value = json.dumps(getattr(self, key), default=str)[:60]
+                raise AdapterError(f"{source}: 'lenssteer.{key}' = {value} is not {expected}")
+        for key, ok in (
+            ("model", isinstance(self.base_model.get("model", ""), str)),
+            ("fingerprint", isinstance(self.base_model.get("fingerprint", ""), (str, type(None)))),
+            ("hidden_size", _is_int(self.base_model.get("hidden_size", 0))),
+            ("num_layers", _is_int(self.base_model.get("num_layers", 0))),
+        ):
+            if not ok:
+                value = json.dumps(self.base_model.get(key), default=str)[:60]
+                raise AdapterError(f"{source}: 'lenssteer.base_model.{key}' = {value} is invalid")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -126,12 +360,24 @@ class AdapterConfig:
                 f"{source}: ignoring unknown keys {unknown} (written by a newer lenssteer?)",
                 stacklevel=3,
             )
-        if int(data["format_version"]) > FORMAT_VERSION:
+        if not _is_int(data["format_version"]):
+            raise AdapterError(
+                f"{source}: 'lenssteer.format_version' = "
+                f"{json.dumps(data['format_version'], default=str)[:60]} is not an integer"
+            )
+        if data["format_version"] > FORMAT_VERSION:
             raise AdapterError(
                 f"{source}: format_version {data['format_version']} is newer than this lenssteer "
                 f"reads ({FORMAT_VERSION}); upgrade lenssteer"
             )
-        return cls(**{key: data[key] for key in known if key in data})
+        if not isinstance(data["kind"], str) or data["kind"] not in KINDS:
+            raise AdapterError(
+                f"{source}: 'lenssteer.kind' = {json.dumps(data['kind'], default=str)[:60]} is "
+                f"unknown; expected one of {', '.join(KINDS)}"
+            )
+        config = cls(**{key: data[key] for key in known if key in data})
+        config.validate(source)
+        return config
 
 
 def _file_sha256(path: Path) -> str:
@@ -140,6 +386,13 @@ def _file_sha256(path: Path) -> str:
         while block := handle.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _check_finite(weights: dict[str, torch.Tensor], source: str) -> None:
+    for name in sorted(weights):
+        tensor = weights[name]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{source}: weight {name} holds NaN or infinite values")
 
 
 def _json_ready(value: Any) -> Any:
@@ -165,15 +418,22 @@ class AppliedAdapter:
         self.model = model
         self.base = base
         self._undo = undo
+        self._check_removed: Callable[[], None] | None = None
 
-    def remove(self) -> nn.Module:
-        """Undo the adapter; returns the base model with its original weights."""
+    def remove(self, check: bool = True) -> nn.Module:
+        """Undo the adapter; returns the base model with its original weights.
+
+        The base weights' fingerprint is then compared with the one before ``apply()``: a
+        difference is an :class:`AdapterError` (``check=False`` skips it).
+        """
         if self._undo is not None:
             self._undo()
             self._undo = None
             base = self.base
             if getattr(base, "_lenssteer_applied", None) is not None:
                 del base._lenssteer_applied
+            if check and self._check_removed is not None:
+                self._check_removed()
         return self.base
 
     @property
@@ -183,8 +443,8 @@ class AppliedAdapter:
     def __enter__(self) -> nn.Module:
         return self.model
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.remove(check=exc_type is None)
 
 
 class SteeringAdapter:
@@ -218,8 +478,15 @@ class SteeringAdapter:
     # -- folder format ----------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the folder atomically (an existing adapter at ``path`` is replaced only on success)."""
-        with atomic_directory(path) as scratch:
+        """Write the folder atomically (an existing adapter at ``path`` is replaced only on success).
+
+        A file or a non-empty folder that is not an adapter at ``path`` is refused
+        (:class:`~lenssteer.io.OutputFolderError`), as are NaN/infinite weights.
+        """
+        _check_finite(self.weights, "adapter")
+        if self.lora_config is not None:
+            check_lora_config(self.lora_config)
+        with atomic_directory(path, marker=CONFIG_NAME, what="steering adapter") as scratch:
             atomic_save_tensors(
                 self.weights,
                 scratch / WEIGHTS_NAME,
@@ -255,7 +522,13 @@ class SteeringAdapter:
         if config.kind == "lora":
             if data.get("peft_type") != "LORA":
                 raise AdapterError(f"{config_path}: a LoRA adapter needs PEFT's LoraConfig keys")
+            check_lora_config(data, source=str(config_path))
             lora_config = data
+        elif data:
+            raise AdapterError(
+                f"{config_path}: a {config.kind!r} adapter has no PEFT keys, but the file has "
+                f"{', '.join(sorted(data)[:4])}"
+            )
         if config.weights_sha256 is not None:
             actual = _file_sha256(weights_path)
             if actual != config.weights_sha256:
@@ -269,6 +542,7 @@ class SteeringAdapter:
             raise AdapterError(f"{weights_path} is corrupted or truncated: {error}") from error
         if not weights:
             raise AdapterError(f"{weights_path} holds no tensors")
+        _check_finite(weights, str(weights_path))
         return cls(config, weights, lora_config)
 
     # -- model checks -----------------------------------------------------------------------------
@@ -305,7 +579,10 @@ class SteeringAdapter:
                 "already changed"
             )
             if strict:
-                raise AdapterError(message + "; pass strict=False to apply it anyway")
+                raise AdapterError(
+                    message + "; use the base model the adapter was trained on (from Python, "
+                    "apply(model, strict=False) applies it anyway)"
+                )
             warnings.warn(message, stacklevel=3)
 
     # -- apply / merge ----------------------------------------------------------------------------
@@ -316,9 +593,9 @@ class SteeringAdapter:
 
         if self.lora_config is None:
             raise AdapterError(f"a {self.kind!r} adapter has no PEFT config")
-        data = dict(self.lora_config)
+        data = check_lora_config(self.lora_config)  # only plain-LoRA keys reach PEFT
         data["inference_mode"] = inference_mode
-        return PeftConfig.from_peft_type(**data)
+        return PeftConfig.from_peft_type(peft_type="LORA", **data)
 
     def apply(self, model: nn.Module, strict: bool = True) -> AppliedAdapter:
         """Steer ``model`` (in place) and return the steered model with a way to undo it.
@@ -328,12 +605,61 @@ class SteeringAdapter:
         ``remove()`` copies them back.
         """
         self.check_base_model(model, strict=strict)
+        self._check_layer_names(model)
+        # The tensors themselves (not copies): what they hold after applying is what is checked.
+        tracked = dict(model.state_dict(keep_vars=True))
+        untouched = [(n, t) for n, t in tracked.items() if n not in self.weights]
+        before_all = _sampled_fingerprint(tracked.items())
+        before_untouched = _sampled_fingerprint(untouched)
+        n_layers = num_decoder_layers(model)
         if self.kind == "lora":
             applied = self._apply_lora(model)
         else:
             applied = self._apply_layers(model)
+        if _sampled_fingerprint(untouched) != before_untouched or (
+            num_decoder_layers(model) != n_layers
+        ):
+            applied.remove(check=False)
+            raise AdapterError(
+                "applying the adapter changed base weights outside its own (or the layer count); "
+                "refusing it"
+            )
+
+        def check_removed() -> None:
+            after = _sampled_fingerprint(model.state_dict(keep_vars=True).items())
+            if after != before_all:
+                raise AdapterError(
+                    f"the base model's weights differ after removing the adapter (fingerprint "
+                    f"{after}, before applying {before_all}); reload the model"
+                )
+
+        applied._check_removed = check_removed
         model._lenssteer_applied = self.config
         return applied
+
+    def _check_layer_names(self, model: nn.Module) -> None:
+        """The adapter's weights may only belong to the decoder layers it says it trained."""
+        layers = find_decoder_layers(model)
+        bad = [i for i in self.config.trained_layers if not 0 <= i < len(layers)]
+        if bad:
+            raise AdapterError(
+                f"the adapter names decoder layers {bad}; this model has {len(layers)}"
+            )
+        names = {id(module): name for name, module in model.named_modules()}
+        prefixes = tuple(names[id(layers[i])] + "." for i in self.config.trained_layers)
+        for weight in sorted(self.weights):
+            module = weight.removeprefix("base_model.model.") if self.kind == "lora" else weight
+            if not module.startswith(prefixes):
+                raise AdapterError(
+                    f"the adapter's weight {weight} lies outside its trained decoder layers "
+                    f"{self.config.trained_layers}; refusing it"
+                )
+        for target in (self.lora_config or {}).get("target_modules") or []:
+            if "." in target and not target.startswith(prefixes):
+                raise AdapterError(
+                    f"the adapter's LoRA target module {target} lies outside its trained decoder "
+                    f"layers {self.config.trained_layers}; refusing it"
+                )
 
     def _apply_lora(self, model: nn.Module) -> AppliedAdapter:
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -397,6 +723,7 @@ class SteeringAdapter:
         adapter checks see the changed weights.
         """
         self.check_base_model(model, strict=strict)
+        self._check_layer_names(model)
         if self.kind == "lora":
             applied = self._apply_lora(model)
             merged = applied.model.merge_and_unload()

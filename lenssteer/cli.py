@@ -78,8 +78,9 @@ def add_corpus_arguments(
     parser.add_argument(
         "--corpus",
         default="bible",
-        help="'bible' (public-domain versions), 'django' (UI strings) or a JSONL/CSV/TSV/Parquet file "
-        "with one column per language (default: bible)",
+        help="'bible' (public-domain versions), 'django' (UI strings), parallel instructions "
+        "('instructions', 'mmlu-open', 'verse-instructions'; docs/training.md) or a "
+        "JSONL/CSV/TSV/Parquet file with one column per language (default: bible)",
     )
     parser.add_argument(
         "--languages",

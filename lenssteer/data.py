@@ -1182,7 +1182,11 @@ def load_corpus(
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise CorpusError(f"limit must be a positive integer, got {limit!r}")
-    if spec in ("bible", "django"):
+    from lenssteer.instructions import INSTRUCTION_CORPORA, load_instruction_corpus
+
+    if spec in INSTRUCTION_CORPORA:  # parallel instruction prompts (lenssteer.instructions)
+        corpus = load_instruction_corpus(str(spec), languages, central_language)
+    elif spec in ("bible", "django"):
         if not languages:
             raise CorpusError(f"the {spec} corpus needs a list of languages")
         loader = load_bible if spec == "bible" else load_django

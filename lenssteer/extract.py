@@ -341,9 +341,7 @@ def extract_states(
     cache_path = None
     if cache_dir is not False:
         folder = Path(cache_dir) if cache_dir is not None else cache_root() / "states"
-        key = _cache_key(
-            model, tokenizer, texts, layers, pooling, chat_template, representation
-        )
+        key = _cache_key(model, tokenizer, texts, layers, pooling, chat_template, representation)
         cache_path = folder / f"{key}.safetensors"
         if cache_path.is_file():
             return load_file(cache_path)["states"]

@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-compare", action="store_true", help="stop after the adapter check")
     parser.add_argument("--compare-limit", type=int, help="items per task and language in compare")
     parser.add_argument(
+        "--corpus",
+        choices=["bible", "instructions", "mmlu-open", "verse-instructions"],
+        default="bible",
+        help="training prompts: public-domain verses ('bible', default) or parallel instructions "
+        "(lenssteer.instructions: MMLU training-split questions asked openly, instructions about "
+        "verses, or both); --train-items/--heldout-items split them the same way",
+    )
+    parser.add_argument(
         "--ship",
         action="store_true",
         help=f"copy the adapter to {SHIPPED_ADAPTER.relative_to(ROOT)} and its subspace to "
@@ -88,12 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     languages = [code.strip() for code in args.languages.split(",") if code.strip()]
-    train, heldout = quickstart_corpora(
-        languages, args.train_items, args.heldout_items, seed=args.seed
-    )
+    if args.corpus == "bible":
+        train, heldout = quickstart_corpora(
+            languages, args.train_items, args.heldout_items, seed=args.seed
+        )
+    else:
+        from lenssteer.instructions import instruction_training_corpora
+
+        train, heldout = instruction_training_corpora(
+            args.corpus, languages, args.train_items, args.heldout_items, seed=args.seed
+        )
     print(
         f"[quickstart] {args.model}; {train.source}; {len(train)} training and "
-        f"{len(heldout)} held-out verses per language\n"
+        f"{len(heldout)} held-out items per language\n"
     )
 
     tokenizer, model = load_model(args.model)

@@ -177,7 +177,9 @@ def test_shared_prefix_gives_the_same_states(arch, pooling, tokenizer):
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3", "gpt2"])
-def test_final_norm_equals_the_last_hidden_state(arch, padding_side, pooling, share_prefix, tokenizer):
+def test_final_norm_equals_the_last_hidden_state(
+    arch, padding_side, pooling, share_prefix, tokenizer
+):
     """``final_norm`` at the last layer is ``output_hidden_states[-1]`` (what Lens reads)."""
     from conftest import make_tiny_model
 
@@ -197,7 +199,13 @@ def test_final_norm_equals_the_last_hidden_state(arch, padding_side, pooling, sh
         representation="final_norm",
     )
     residual = extract_states(
-        model, tokenizer, TEXTS, [3], pooling=pooling, chat_template=True, cache_dir=False,
+        model,
+        tokenizer,
+        TEXTS,
+        [3],
+        pooling=pooling,
+        chat_template=True,
+        cache_dir=False,
         progress=False,
     )
     assert not torch.allclose(states, residual, atol=1e-3)  # the norm really changes the vector
@@ -216,7 +224,9 @@ def test_final_norm_only_at_the_last_layer(tokenizer, tmp_path):
 
     model = make_tiny_model("llama", vocab_size=len(tokenizer))
     with pytest.raises(RepresentationError, match="only at the last decoder layer \\(3\\)"):
-        extract_states(model, tokenizer, TEXTS, [2, 3], cache_dir=False, representation="final_norm")
+        extract_states(
+            model, tokenizer, TEXTS, [2, 3], cache_dir=False, representation="final_norm"
+        )
     with pytest.raises(RepresentationError, match="unknown representation"):
         extract_states(model, tokenizer, TEXTS, [3], cache_dir=False, representation="logits")
     # the cache keeps the two points apart

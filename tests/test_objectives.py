@@ -299,5 +299,7 @@ def test_scale_free_needs_its_scales_and_a_known_normalization():
         LensObjective(normalization="unit")
     # in the raw form the scales are ignored
     scales = {"pull": torch.tensor([100.0]), "retain": torch.tensor([100.0])}
-    out = lens_losses(states, frozen, X_AXIS, directions, 0, LensObjective(alpha=2.0), Y_AXIS, scales)
+    out = lens_losses(
+        states, frozen, X_AXIS, directions, 0, LensObjective(alpha=2.0), Y_AXIS, scales
+    )
     assert out["pull"].item() == pytest.approx(4.5) and out["retain"].item() == pytest.approx(0.5)

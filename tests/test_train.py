@@ -724,8 +724,12 @@ def test_final_norm_fast_path_equals_full_forward_and_last_hidden_state(arch, po
     split = data.collate([0, 1, 2, 3], layer_inputs=True, split_prefix=True)
     with torch.no_grad():
         kwargs = dict(pooling=pooling, representation="final_norm")
-        plain = full_forward_states(model, batch["input_ids"], batch["attention_mask"], [3], **kwargs)
-        fast = top_layer_states(model, batch["layer_inputs"], batch["attention_mask"], 2, [3], **kwargs)
+        plain = full_forward_states(
+            model, batch["input_ids"], batch["attention_mask"], [3], **kwargs
+        )
+        fast = top_layer_states(
+            model, batch["layer_inputs"], batch["attention_mask"], 2, [3], **kwargs
+        )
         shared = top_layer_states(
             model,
             split["layer_inputs"],
