@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lenssteer.forward import cache_keyword
 from lenssteer.hooks import (
     hooked,
     last_real_positions,
@@ -222,8 +223,8 @@ def run_shared_prefix(
         run_until_stopped(
             model,
             input_ids=torch.tensor([list(prefix_ids)], device=device),
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(model): cache},
         )
     return SharedPrefix(list(prefix_ids), cache, sums)
 
@@ -282,7 +283,7 @@ def pooled_states(
         kwargs = {
             "attention_mask": torch.cat([ones, attention_mask], dim=1),
             "position_ids": kwargs["position_ids"] + prefix_length,
-            "past_key_values": cache,
+            cache_keyword(model): cache,
             "use_cache": True,
         }
     hooks = [(decoder_layers[i], make_hook(i)) for i in layers]

@@ -101,8 +101,15 @@ def _cache_keyword_of(function: Any) -> str:
 
 def cache_keyword(model: nn.Module) -> str:
     """The keyword under which ``model.forward`` takes a KV cache (``cache`` or, before transformers
-    5.24, ``past_key_values``), found by the parameter's ``Cache`` annotation."""
-    return _cache_keyword_of(type(model).forward)
+    5.24, ``past_key_values``), found by the parameter's ``Cache`` annotation. A wrapper that passes
+    ``**kwargs`` through (a PEFT model) takes what the model it wraps takes."""
+    try:
+        return _cache_keyword_of(type(model).forward)
+    except TypeError:
+        get_base_model = getattr(model, "get_base_model", None)
+        if callable(get_base_model) and get_base_model() is not model:
+            return cache_keyword(get_base_model())
+        raise
 
 
 def cache_of_output(output: Any) -> Any:

@@ -57,6 +57,7 @@ from lenssteer.extract import (
     representation_map,
     template_signature,
 )
+from lenssteer.forward import cache_keyword, hidden_states_of_call
 from lenssteer.hooks import (
     hooked,
     last_real_positions,
@@ -435,10 +436,6 @@ def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def _hidden_from_call(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _pool(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -510,7 +507,7 @@ def prepare_training_data(
     captured: dict[str, Any] = {}
 
     def capture_input(_module, args, kwargs) -> None:
-        captured["input"] = _hidden_from_call(args, kwargs)
+        captured["input"] = hidden_states_of_call(_module, args, kwargs)
 
     def make_output_hook(layer: int):
         def hook(_module, hidden: torch.Tensor) -> None:
@@ -538,7 +535,7 @@ def prepare_training_data(
                 run_until_stopped(
                     model,
                     input_ids=prefix_ids[None].to(device),
-                    past_key_values=cache,
+                    **{cache_keyword(model): cache},
                     use_cache=True,
                 )
             prefix_states = captured["input"][0].float().cpu()
@@ -573,7 +570,7 @@ def prepare_training_data(
                     ones = torch.ones(len(chunk), prefix_length, dtype=mask.dtype, device=device)
                     full_mask = torch.cat([ones, mask], dim=1)
                     positions = positions + prefix_length
-                    kwargs = {"use_cache": True, "past_key_values": batch_cache}
+                    kwargs = {"use_cache": True, cache_keyword(model): batch_cache}
                 run_until_stopped(
                     model, input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs
                 )
@@ -694,14 +691,14 @@ def _run_pooled(
 
         return hook
 
+    decoder_module = _decoder_of(model, decoder_layers)
 
     def run(**kwargs) -> None:
         if layer_inputs is None:
             run_until_stopped(model, **kwargs)
         else:
-            decoder = _decoder_of(model, decoder_layers)
             with _lower_layers_skipped(decoder_layers, first_layer):
-                run_until_stopped(decoder, **kwargs)
+                run_until_stopped(decoder_module, **kwargs)
 
     dtype = _dtype_of(model)
     prefix_sums: dict[int, torch.Tensor] = {}
@@ -733,7 +730,7 @@ def _run_pooled(
             run(
                 inputs_embeds=prefix_inputs[None].to(dtype),
                 position_ids=positions,
-                past_key_values=cache,
+                **{cache_keyword(decoder_module): cache},
                 use_cache=True,
             )
             prefix_sums = {i: outputs[i][0].float().sum(0) for i in layers}
@@ -759,7 +756,7 @@ def _run_pooled(
                 inputs_embeds=layer_inputs.to(dtype),
                 attention_mask=torch.cat([ones, attention_mask], dim=1),
                 position_ids=position_ids_from_mask(attention_mask) + prefix_length,
-                past_key_values=filled,
+                **{cache_keyword(decoder_module): filled},
                 use_cache=True,
             )
     pooled = [

@@ -1,0 +1,69 @@
+"""lenssteer.forward finds a call's cache, hidden states and cache keyword by type and position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from torch import nn
+from transformers import Cache, DynamicCache
+
+from lenssteer.forward import (
+    cache_in_call,
+    cache_keyword,
+    cache_of_output,
+    hidden_states_of_call,
+)
+
+
+class _Annotated(nn.Module):
+    def forward(self, states: torch.Tensor, kv_store: Cache | None = None) -> torch.Tensor:
+        return states
+
+
+class _Unannotated(nn.Module):
+    def forward(self, x, past_key_values=None):
+        return x
+
+
+class _NoCache(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_cache_keyword_follows_the_annotation_whatever_its_name():
+    assert cache_keyword(_Annotated()) == "kv_store"
+    assert cache_keyword(_Unannotated()) == "past_key_values"
+    with pytest.raises(TypeError, match="takes no KV cache"):
+        cache_keyword(_NoCache())
+
+
+def test_cache_keyword_of_real_and_wrapped_models():
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_model("llama", vocab_size=64)
+    keyword = cache_keyword(model)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert cache_keyword(wrapped) == keyword
+    # the keyword really is the one the model takes: a cached step equals the uncached pass
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        prefill = model(input_ids=ids[:, :4], use_cache=True)
+        step = model(input_ids=ids[:, 4:], use_cache=True, **{keyword: cache_of_output(prefill)})
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], atol=1e-5, rtol=0)
+
+
+def test_cache_and_hidden_states_of_a_call():
+    cache = DynamicCache()
+    hidden = torch.zeros(1, 2, 4)
+    layer = _Annotated()
+    assert cache_in_call((hidden, None, cache), {}) is cache
+    assert cache_in_call((hidden,), {"any_name": cache}) is cache
+    assert cache_in_call((hidden,), {"mask": None}) is None
+    assert hidden_states_of_call(layer, (hidden,), {}) is hidden
+    assert hidden_states_of_call(layer, (), {"states": hidden, "kv_store": cache}) is hidden
+    with pytest.raises(TypeError, match="without its first argument 'states'"):
+        hidden_states_of_call(layer, (), {"kv_store": cache})
+    with pytest.raises(TypeError, match="no KV cache"):
+        cache_of_output({"logits": hidden})
