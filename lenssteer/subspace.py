@@ -17,6 +17,7 @@ nearest-neighbour retrieval before and after projecting the specific subspace ou
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,7 +107,14 @@ class Subspace:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write ``subspace.safetensors`` + ``subspace.json`` into folder ``path`` (atomically)."""
+        """Write ``subspace.safetensors`` + ``subspace.json`` into folder ``path`` (atomically).
+
+        The JSON records the sha256 of the tensor file (checked on load). NaN/infinite tensors, and
+        a file or non-empty folder at ``path`` that is not a subspace, are refused.
+        """
+        for name in TENSORS:
+            if not bool(torch.isfinite(getattr(self, name)).all()):
+                raise SubspaceError(f"subspace tensor {name} holds NaN or infinite values")
         header = {
             "format_version": FORMAT_VERSION,
             "layers": self.layers,
@@ -116,12 +124,13 @@ class Subspace:
             "hidden_size": self.hidden_size,
             **self.metadata,
         }
-        with atomic_directory(path) as scratch:
+        with atomic_directory(path, marker="subspace.json", what="subspace") as scratch:
             atomic_save_tensors(
                 {name: getattr(self, name).float() for name in TENSORS},
                 scratch / "subspace.safetensors",
                 metadata={"format": "lenssteer-subspace", "format_version": str(FORMAT_VERSION)},
             )
+            header["tensors_sha256"] = _file_sha256(scratch / "subspace.safetensors")
             atomic_write_json(scratch / "subspace.json", header)
         return Path(path)
 
@@ -135,8 +144,10 @@ class Subspace:
                 raise SubspaceError(f"{folder} is not a subspace folder: {needed.name} is missing")
         try:
             header = json.loads(json_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise SubspaceError(f"{json_path} is not valid JSON: {error}") from error
+        if not isinstance(header, dict):
+            raise SubspaceError(f"{json_path} does not hold a JSON object")
         missing = [
             k
             for k in ("format_version", "layers", "languages", "central_language")
@@ -144,18 +155,31 @@ class Subspace:
         ]
         if missing:
             raise SubspaceError(f"{json_path} lacks {', '.join(missing)}")
+        _check_header_types(header, json_path)
         if header["format_version"] > FORMAT_VERSION:
             raise SubspaceError(
                 f"{json_path} has format_version {header['format_version']}; this lenssteer reads "
                 f"up to {FORMAT_VERSION}: upgrade lenssteer"
             )
+        recorded = header.get("tensors_sha256")
+        if recorded is not None:  # subspaces saved before the checksum existed have none
+            actual = _file_sha256(tensor_path)
+            if actual != recorded:
+                raise SubspaceError(
+                    f"{tensor_path} is corrupted or truncated (or was changed): sha256 {actual[:16]}..., "
+                    f"{json_path.name} records {str(recorded)[:16]}..."
+                )
         try:
             tensors = load_file(tensor_path)
-        except (SafetensorError, OSError) as error:
+        except (SafetensorError, OSError, RuntimeError) as error:
             raise SubspaceError(f"{tensor_path} is corrupted or truncated: {error}") from error
         absent = [name for name in TENSORS if name not in tensors]
         if absent:
             raise SubspaceError(f"{tensor_path} lacks tensors {', '.join(absent)}")
+        for name in TENSORS:
+            tensor = tensors[name]
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise SubspaceError(f"{tensor_path}: tensor {name} holds NaN or infinite values")
         n_layers, n_languages = len(header["layers"]), len(header["languages"])
         if tensors["means"].shape[:2] != (n_layers, n_languages):
             raise SubspaceError(
@@ -173,6 +197,7 @@ class Subspace:
                 "central_language",
                 "rank",
                 "hidden_size",
+                "tensors_sha256",
             )
         }
         return cls(
@@ -182,6 +207,52 @@ class Subspace:
             central_language=header["central_language"],
             metadata=metadata,
         )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_header_types(header: dict[str, Any], json_path: Path) -> None:
+    """Values, not only keys: each field of ``subspace.json`` has the type it must have."""
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = [
+        ("format_version", is_int(header["format_version"]), "an integer"),
+        (
+            "layers",
+            isinstance(header["layers"], list) and all(map(is_int, header["layers"])),
+            "a list of layer indices",
+        ),
+        (
+            "languages",
+            isinstance(header["languages"], list)
+            and len(header["languages"]) >= 2
+            and all(isinstance(code, str) for code in header["languages"]),
+            "a list of at least 2 language codes",
+        ),
+        (
+            "central_language",
+            isinstance(header["central_language"], str)
+            and header["central_language"] in (header["languages"] or []),
+            "one of the languages",
+        ),
+        (
+            "tensors_sha256",
+            header.get("tensors_sha256") is None or isinstance(header["tensors_sha256"], str),
+            "a sha256 hex digest",
+        ),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            value = json.dumps(header.get(key), default=str)[:60]
+            raise SubspaceError(f"{json_path}: {key} = {value} is not {expected}")
 
 
 def decompose_means(means: torch.Tensor, central_index: int, rank: int) -> dict[str, torch.Tensor]:
@@ -248,6 +319,9 @@ def compute_subspace(
     """
     rank = _check_states(states, central_language, rank)
     languages = list(states)
+    for language in languages:
+        if not bool(torch.isfinite(states[language]).all()):
+            raise SubspaceError(f"the {language} states hold NaN or infinite values")
     central_index = languages.index(central_language)
     stacked = torch.stack([states[language].to(torch.float64) for language in languages], dim=1)
     means = stacked.mean(dim=0).transpose(0, 1)  # (L, K, H)
