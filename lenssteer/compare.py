@@ -726,12 +726,27 @@ def _mc_units(task: MultipleChoiceTask, items, tokenizer, config) -> list[_Unit]
                     language,
                     f"{system} | {task.name} {scoring} {language}",
                 )
+                if scoring == "likelihood":
+                    return _likelihood_outcomes(
+                        task, rows, options, sums, system, language, per_byte_metric
+                    )
                 return _choices_to_outcomes(
                     task, rows, options, sums, system, language, per_byte_metric, sum_metric
                 )
 
             units.append(_Unit(task, f"{scoring} {language}", language, run))
     return units
+
+
+def _likelihood_outcomes(task, rows, options, sums, system, language, metric):
+    """Per item: the text's log-likelihood divided by its length in UTF-8 bytes (continuous)."""
+    values, details = [], []
+    for item_scores, item_options in zip(sums, options, strict=True):
+        size = max(1, len(item_options[0].encode("utf-8")))
+        values.append(item_scores[0] / size)
+        details.append({"loglikelihood": round(item_scores[0], 4), "bytes": size})
+    ids = [item.id for item in rows]
+    return [Outcomes(task.name, metric, system, language, ids, values, details)]
 
 
 def _choices_to_outcomes(task, rows, options, sums, system, language, per_byte_metric, sum_metric):
@@ -855,6 +870,14 @@ def _fidelity_outcomes(task, system, language, rows, answers) -> list[Outcomes]:
             answers, judged, detected, detected_raw, strict=True
         )
     ]
+    kinds = getattr(task, "item_kinds", None) or {}
+    for item_id, detail in zip(ids, details, strict=True):
+        if item_id in kinds:
+            detail["kind"] = kinds[item_id]
+    extra: dict[str, list[float]] = {}
+    for item_id, answer in zip(ids, answers, strict=True):
+        for metric, value in task.judge(item_id, language, answer).items():
+            extra.setdefault(metric, []).append(value)
     return [
         Outcomes(
             task.name,
@@ -873,6 +896,7 @@ def _fidelity_outcomes(task, system, language, rows, answers) -> list[Outcomes]:
             ids,
             [float(found == language) for found in detected_raw],
         ),
+        *(Outcomes(task.name, metric, system, language, ids, v) for metric, v in extra.items()),
     ]
 
 

@@ -768,14 +768,30 @@ def at_chance(
     return flags
 
 
-def _diff_text(cell: Mapping[str, Any]) -> str:
+def _raw(value: float | None, signed: bool = False) -> str:
+    """A continuous metric in its own unit (e.g. nats per byte), not in percent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _continuous(systems: Mapping[str, Mapping[str, Any]]) -> bool:
+    """True when a metric's per-language cells are means of continuous values (not 0/1)."""
+    return any(
+        isinstance(cell, Mapping) and cell.get("interval") == "bootstrap"
+        for cells in systems.values()
+        for cell in cells.values()
+    )
+
+
+def _diff_text(cell: Mapping[str, Any], fmt=_pct) -> str:
     flag = "" if cell["diff_low"] <= 0 <= cell["diff_high"] else " *"  # interval excludes zero
     text = (
-        f"{_pct(cell['diff'], True)} [{_pct(cell['diff_low'], True)}, "
-        f"{_pct(cell['diff_high'], True)}]{flag}"
+        f"{fmt(cell['diff'], True)} [{fmt(cell['diff_low'], True)}, "
+        f"{fmt(cell['diff_high'], True)}]{flag}"
     )
     if cell.get("mde") is not None:
-        text += f"; MDE {_pct(cell['mde'])}"
+        text += f"; MDE {fmt(cell['mde'])}"
         if cell.get("underpowered"):
             text += " (underpowered)"
     return text
@@ -809,12 +825,14 @@ def markdown_tables(
                     "knowledge carried between languages.\n"
                 )
             columns = _columns(systems)
+            fmt = _raw if _continuous(systems) else _pct
+            unit = "mean per item, own unit" if fmt is _raw else "score %"
             n_by_language = {
                 lang: next((c[lang]["n"] for c in systems.values() if lang in c), 0)
                 for lang in columns
             }
             header = " | ".join(f"{lang} (n={n_by_language[lang]})" for lang in columns)
-            lines.append(f"**{metric}**: score % [95% interval]\n")
+            lines.append(f"**{metric}**: {unit} [95% interval]\n")
             lines.append(f"| system | {header} |")
             lines.append("|---" * (len(columns) + 1) + "|")
             for system, cells in systems.items():
@@ -825,13 +843,14 @@ def markdown_tables(
                         row.append("n/a")
                     else:
                         row.append(
-                            f"{_pct(cell['score'])} [{_pct(cell['low'])}, {_pct(cell['high'])}]"
+                            f"{fmt(cell['score'])} [{fmt(cell['low'])}, {fmt(cell['high'])}]"
                         )
                 lines.append(f"| {system} | " + " | ".join(row) + " |")
             others = [s for s in systems if s != reference_system]
             if reference_system in systems and others:
                 lines.append(
-                    f"\n**{metric}**: difference to {reference_system}, percentage points "
+                    f"\n**{metric}**: difference to {reference_system}, "
+                    f"{'same unit' if fmt is _raw else 'percentage points'} "
                     "[95% paired bootstrap interval]; MDE: minimum detectable paired effect "
                     "(80% power, alpha 0.05)\n"
                 )
@@ -844,7 +863,7 @@ def markdown_tables(
                         if cell.get("diff") is None:
                             row.append("n/a")
                         else:
-                            row.append(_diff_text(cell))
+                            row.append(_diff_text(cell, fmt))
                     lines.append(f"| {system} | " + " | ".join(row) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -864,6 +883,7 @@ def plot_task(
 
     columns = _columns(systems)
     names = list(systems)
+    scale = 1.0 if _continuous(systems) else 100.0  # continuous metrics keep their own unit
     width = 0.8 / max(1, len(names))
     figure, axes = plt.subplots(figsize=(max(5.0, 1.1 * len(columns) + 2), 3.8), dpi=90)
     x = np.arange(len(columns))
@@ -877,10 +897,10 @@ def plot_task(
                 lows.append(0.0)
                 highs.append(0.0)
             else:
-                scores.append(100 * score)
+                scores.append(scale * score)
                 # A percentile bootstrap interval may, rarely, not contain the estimate: clip.
-                lows.append(max(0.0, 100 * (score - cell["low"])))
-                highs.append(max(0.0, 100 * (cell["high"] - score)))
+                lows.append(max(0.0, scale * (score - cell["low"])))
+                highs.append(max(0.0, scale * (cell["high"] - score)))
         axes.bar(
             x + (k - (len(names) - 1) / 2) * width,
             scores,
@@ -891,8 +911,9 @@ def plot_task(
             error_kw={"elinewidth": 0.8},
         )
     axes.set_xticks(x, columns)
-    axes.set_ylabel(f"{metric} (%)")
-    axes.set_ylim(0, 100)
+    axes.set_ylabel(f"{metric} (%)" if scale == 100.0 else metric)
+    if scale == 100.0:
+        axes.set_ylim(0, 100)
     axes.set_title(title or f"{task}: {metric} (95% intervals)", fontsize=10)
     axes.legend(
         fontsize=7,

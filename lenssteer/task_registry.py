@@ -57,6 +57,7 @@ __all__ = [
     "FIDELITY_INSTRUCTIONS",
     "GenerationTask",
     "MultipleChoiceTask",
+    "OpenQuestionTask",
     "RetrievalTask",
     "Task",
     "TaskError",
@@ -118,6 +119,7 @@ class Task:
     needs_central: bool = False  # retrieval: the central language is the query side
     max_chars: int = VERSE_CHARS[1]  # bible tasks: longest verse kept (characters, every language)
     chance: float | None = None  # accuracy of guessing (the report's "at chance" mark); None: n/a
+    provenance: dict[str, Any] | None = None  # what loading found (counts of dropped items, ...)
 
     def check_languages(self, languages: Sequence[str], source: str | None = None) -> None:
         """Raise :class:`TaskLanguageError` for a language the task does not have."""
@@ -138,6 +140,7 @@ class Task:
             "metrics": list(self.metrics),
             "primary_metric": self.primary_metric,
             "chance": self.chance,
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
 
@@ -187,7 +190,7 @@ class MultipleChoiceTask(Task):
                 return [ScoringRequest(context, choice, False) for choice in item.choices], context
             context = f"Question: {item.question}\nAnswer:"
             return [ScoringRequest(context, f" {choice}", True) for choice in item.choices], context
-        if scoring == "continuation":
+        if scoring in ("continuation", "likelihood"):
             return (
                 [ScoringRequest(item.question, f" {choice}", True) for choice in item.choices],
                 item.question,
@@ -204,6 +207,8 @@ class MultipleChoiceTask(Task):
             return (self.letter_metric, None)
         if scoring == "option-text":
             return ("acc_text", "acc_text_sum")
+        if scoring == "likelihood":
+            return ("loglik_per_byte", None)
         return ("acc", "acc_sum")
 
 
@@ -214,6 +219,21 @@ def _mmlu_loader(languages: list[str], limit: int | None, seed: int, task: Task)
     return {
         language: [item for item in rows if item.id in chosen] for language, rows in items.items()
     }
+
+
+def _multiemo_loader(languages: list[str], limit: int | None, seed: int, task: Task):
+    from collections import Counter
+
+    from lenssteer.multiemo import load_multiemo
+
+    items, counts = load_multiemo(languages, task.max_chars)
+    chosen = set(sample_ids([item.id for item in items[languages[0]]], limit, seed, task.name))
+    picked = {lang: [item for item in rows if item.id in chosen] for lang, rows in items.items()}
+    answers = [item.answer for item in picked[languages[0]]]
+    if answers:  # chance = always answering the most frequent label of the scored items
+        task.chance = max(Counter(answers).values()) / len(answers)
+    task.provenance = {**counts, "chance": "share of the most frequent label"}
+    return picked
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,6 +339,71 @@ def _continuation_loader(languages: list[str], limit: int | None, seed: int, tas
     return items
 
 
+def bible_followers(languages: Sequence[str], max_chars: int = VERSE_CHARS[1]) -> list[str]:
+    """Ids of public-domain verses whose previous verse (same chapter) exists; both verses
+    between 30 and ``max_chars`` characters in every language."""
+    corpus = _bible(_bible_languages(languages))
+    position = {item_id: i for i, item_id in enumerate(corpus.ids)}
+    found = []
+    for i, item_id in enumerate(corpus.ids):
+        book, chapter, verse = _verse_key(item_id)
+        previous = position.get(f"bible:{book}.{chapter}.{verse - 1}")
+        if (
+            previous is not None
+            and _fits(corpus.texts, i, max_chars)
+            and _fits(corpus.texts, previous, max_chars)
+        ):
+            found.append(item_id)
+    return found
+
+
+def bible_verse_pairs(
+    languages: Sequence[str], ids: Sequence[str] | set[str]
+) -> dict[str, list[MultipleChoiceItem]]:
+    """``{language: items}``: each verse of ``ids`` (corpus order) as the one option after the
+    verse before it (``question``), for the per-byte log-likelihood of held-out text."""
+    corpus = _bible(_bible_languages(languages))
+    position = {item_id: i for i, item_id in enumerate(corpus.ids)}
+    wanted = set(ids)
+    items: dict[str, list[MultipleChoiceItem]] = {language: [] for language in languages}
+    for i, item_id in enumerate(corpus.ids):
+        if item_id not in wanted:
+            continue
+        book, chapter, verse = _verse_key(item_id)
+        previous = position[f"bible:{book}.{chapter}.{verse - 1}"]
+        for language in languages:
+            texts = corpus.texts[language]
+            items[language].append(
+                MultipleChoiceItem(
+                    id=item_id,
+                    language=language,
+                    question=texts[previous],
+                    choices=[texts[i]],
+                    answer=0,
+                    subject=f"bible book {book}",
+                )
+            )
+    return items
+
+
+def bible_neighbourhood(ids: Sequence[str] | set[str]) -> set[str]:
+    """Verse ids with the verses just before and after each (what a Bible item's prompt or
+    options may contain), for keeping dev verses away from scored ones."""
+    around = set()
+    for item_id in ids:
+        if not str(item_id).startswith("bible:"):
+            continue
+        book, chapter, verse = _verse_key(item_id)
+        around.update(f"bible:{book}.{chapter}.{verse + k}" for k in (-1, 0, 1))
+    return around
+
+
+def _likelihood_loader(languages: list[str], limit: int | None, seed: int, task: Task):
+    """Held-out verses, each after the verse before it (same chapter), in every language."""
+    candidates = bible_followers(languages, task.max_chars)
+    return bible_verse_pairs(languages, set(sample_ids(candidates, limit, seed, task.name)))
+
+
 @dataclass
 class RetrievalTask(Task):
     """Central -> target nearest-neighbour retrieval of parallel texts from pooled states."""
@@ -341,19 +426,81 @@ class GenerationTask(Task):
 
     max_new_tokens: int = 32
     batch_size: int | None = None  # prompts per generate() call (default: the run's batch size)
+    # Prompt kinds (lenssteer.user_prompts.PROMPT_KINDS); each item gets one, the same in every
+    # language, by rank_key(id, seed, "prompt-kind"). Default: "explain" only.
+    kinds: tuple[str, ...] = ("explain",)
+
+    def kind_of(self, item_id: str, seed: int) -> str:
+        return self.kinds[rank_key(item_id, seed, "prompt-kind")[0] % len(self.kinds)]
 
     def prompts(
         self, languages: Sequence[str], limit: int | None, seed: int
     ) -> dict[str, list[tuple[str, str]]]:
         """``{language: [(item id, user message)]}`` aligned across languages."""
+        from lenssteer.user_prompts import PROMPT_KINDS, PROMPT_WRAPPERS
+
         self.check_languages(languages)
+        unknown = [kind for kind in self.kinds if kind not in PROMPT_KINDS]
+        if unknown or not self.kinds:
+            raise TaskError(
+                f"task {self.name!r}: unknown prompt kind(s) {unknown}; choose from "
+                f"{', '.join(PROMPT_KINDS)}"
+            )
+        wrappers = {"explain": FIDELITY_INSTRUCTIONS, **PROMPT_WRAPPERS}
         verses = bible_verses(languages, limit, seed, self.name, self.max_chars)
+        self.item_kinds = {
+            item_id: self.kind_of(item_id, seed) for rows in verses.values() for item_id, _ in rows
+        }
         return {
             language: [
-                (item_id, f"{FIDELITY_INSTRUCTIONS[language]}\n\n{text}") for item_id, text in rows
+                (item_id, f"{wrappers[self.item_kinds[item_id]][language]}\n\n{text}")
+                for item_id, text in rows
             ]
             for language, rows in verses.items()
         }
+
+    def judge(self, item_id: str, language: str, answer: str) -> dict[str, float]:
+        """Metrics beyond fidelity for one answer (none for open-ended prompts)."""
+        return {}
+
+
+@dataclass
+class OpenQuestionTask(GenerationTask):
+    """MMLU questions asked openly (no options shown) in X: fidelity, and correctness where the
+    answer mentions the gold option's text and no other option's (:func:`lenssteer.user_prompts.
+    mentions_only`); only items whose options are distinctive enough for that check are used."""
+
+    def prompts(
+        self, languages: Sequence[str], limit: int | None, seed: int
+    ) -> dict[str, list[tuple[str, str]]]:
+        from lenssteer.user_prompts import OPEN_QUESTION_INSTRUCTIONS, distinctive_options
+
+        self.check_languages(languages)
+        items = {language: load_mmlu_translated(language) for language in languages}
+        usable = set.intersection(
+            *({i.id for i in rows if distinctive_options(i.choices)} for rows in items.values())
+        )
+        chosen = set(sample_ids(usable, limit, seed, self.name))
+        self.gold = {
+            (item.id, language): item
+            for language, rows in items.items()
+            for item in rows
+            if item.id in chosen
+        }
+        return {
+            language: [
+                (item.id, f"{OPEN_QUESTION_INSTRUCTIONS[language]}\n\n{item.question}")
+                for item in rows
+                if item.id in chosen
+            ]
+            for language, rows in items.items()
+        }
+
+    def judge(self, item_id: str, language: str, answer: str) -> dict[str, float]:
+        from lenssteer.user_prompts import mentions_only
+
+        item = self.gold[(item_id, language)]
+        return {"correct": float(mentions_only(answer, item.choices, item.answer))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -512,6 +659,40 @@ def builtin_tasks() -> dict[str, Task]:
             scorings=("continuation",),
             loader=_continuation_loader,
             chance=0.25,
+        ),
+        "multiemo": MultipleChoiceTask(
+            name="multiemo",
+            description="sentiment of a review (positive, negative, neutral, ambivalent; BIG-bench "
+            "multiemo, machine-translated from Polish, read at run time from the BIG-bench "
+            "archive; labels checked to agree across languages); question and labels written in X",
+            languages=("en", "de", "fr", "es", "it", "pt", "nl", "ru", "ja", "zh"),
+            metrics=("acc_letter", "acc_text", "acc_text_sum"),
+            primary_metric="acc_letter",
+            scorings=("letter",),
+            letter_metric="acc_letter",
+            loader=_multiemo_loader,
+            max_chars=600,
+            chance=0.25,
+        ),
+        "bible-likelihood": MultipleChoiceTask(
+            name="bible-likelihood",
+            description="log-likelihood per UTF-8 byte (nats; higher is better) of a held-out "
+            "public-domain verse in X after the verse before it: a continuous check that steering "
+            "does not damage a language",
+            languages=BIBLE_LANGUAGES,
+            metrics=("loglik_per_byte",),
+            primary_metric="loglik_per_byte",
+            scorings=("likelihood",),
+            loader=_likelihood_loader,
+        ),
+        "mmlu-open": OpenQuestionTask(
+            name="mmlu-open",
+            description="MMLU dev questions asked openly in X (no options); the greedy answer's "
+            "language (fidelity) and whether it names the gold option and no other (correct)",
+            languages=MMLU_TRANSLATED_LANGUAGES,
+            metrics=("fidelity", "fidelity_whole_answer", "correct"),
+            primary_metric="fidelity",
+            kind="generation",
         ),
         "bible-retrieval": RetrievalTask(
             name="bible-retrieval",

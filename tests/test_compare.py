@@ -525,3 +525,50 @@ def test_pairs_chosen_on_scored_items_are_refused(setup, tokenizer, tmp_path):
     )
     with pytest.raises(OverlapError, match=f"also scored: {scored[0].id}"):
         run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
+
+
+def test_new_tasks_run_on_a_tiny_model(setup, tokenizer, tmp_path):
+    from lenssteer.user_prompts import PROMPT_KINDS
+
+    root, model = setup
+    tasks = [
+        TaskConfig("mmlu-translated", limit=2),
+        TaskConfig("bible-likelihood", limit=3),
+        TaskConfig("mmlu-open", limit=2, settings={"max_new_tokens": 3}),
+        TaskConfig(
+            "language-fidelity", limit=6, settings={"max_new_tokens": 3, "kinds": PROMPT_KINDS}
+        ),
+    ]
+    from lenssteer.multiemo import archive_folder
+
+    if (archive_folder() / "bigbench-1.0.0.tar.gz").is_file():
+        tasks.append(TaskConfig("multiemo", limit=2))
+    config = CompareConfig(
+        languages=["en", "de"],
+        out=str(tmp_path / "r"),
+        bootstrap_resamples=100,
+        tasks=tasks,
+        systems=[
+            SystemConfig("base"),
+            SystemConfig("lens", kind="lens", adapter=str(root / "adapter")),
+            SystemConfig("xtransplant", kind="xtransplant", source_layer=2, target_layer=0),
+        ],
+    )
+    document = run_comparison(config, progress=False, loaded=(tokenizer, model))
+    summary = document["summary"]
+    likelihood = summary["bible-likelihood"]["loglik_per_byte"]
+    assert likelihood["base"]["de"]["interval"] == "bootstrap"  # continuous: own unit
+    assert likelihood["base"]["de"]["score"] < 0  # a log-likelihood per byte
+    assert "mde" in likelihood["lens"]["de"] and likelihood["lens"]["de"]["underpowered"] is False
+    assert set(summary["mmlu-open"]) == {"fidelity", "fidelity_whole_answer", "correct"}
+    kinds = {
+        d["kind"]
+        for o in document["outcomes"]
+        if o["task"] == "language-fidelity" and o["metric"] == "fidelity"
+        for d in o["details"]
+    }
+    assert kinds <= set(PROMPT_KINDS) and len(kinds) >= 2
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "loglik_per_byte**: mean per item, own unit" in report
+    if "multiemo" in summary:
+        assert document["metadata"]["tasks"]["multiemo"]["provenance"]["label_mismatch"] == 0
