@@ -3,6 +3,9 @@
 Each subcommand is registered by one ``_add_<command>`` function below, which builds its parser and
 points it at a handler; a handler only parses arguments and calls plain functions of the package.
 Errors of the user's input are printed as one line (set ``LENSSTEER_DEBUG=1`` for the traceback).
+Commands that write a result folder (``--out``) check it before any work: a file, a non-empty folder
+that is not a result of the same kind, a folder equal to or inside an input, or an unwritable place
+is refused; an existing result of the same kind is replaced (as a whole) only with ``--force``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ def _languages(text: str) -> list[str]:
     if not languages:
         raise argparse.ArgumentTypeError("give at least one language code, e.g. en,fr,de")
     return languages
+
+
+def add_force_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace an existing {what} at --out (anything else there is never overwritten)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -149,6 +160,7 @@ def _add_probe(subparsers) -> None:
     add_template_arguments(parser)
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--out", help="folder to write the subspace into")
+    add_force_argument(parser, "subspace")
     parser.set_defaults(handler=_run_probe)
 
 
@@ -170,6 +182,7 @@ def _run_probe(args: argparse.Namespace) -> int:
         seed=args.seed,
         module_names=module_names_from(args),
         representation=args.representation,
+        overwrite=args.force,
     )
     print(
         f"\n{subspace.metadata['model']}: {subspace.metadata['corpus']}, "
@@ -307,6 +320,7 @@ def _add_transplant_grid(subparsers) -> None:
         "--chunk-size", type=_positive_int, default=64, help="grid rows per forward pass"
     )
     parser.add_argument("--out", required=True, help="folder for the results")
+    add_force_argument(parser, "transplant-grid result")
     parser.set_defaults(handler=_run_transplant_grid)
 
 
@@ -348,6 +362,7 @@ def _run_transplant_grid(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         names=module_names_from(args),
         command=_transplant_grid_command(args),
+        overwrite=args.force,
     )
     print("\n" + format_grid_summary(result))
     print(f"results written to {args.out}")
@@ -374,6 +389,7 @@ def _add_train(subparsers) -> None:
     add_corpus_arguments(parser, default_limit=200, languages_from_subspace=True)
     parser.add_argument("--kind", choices=["lora", "layers"], default="lora", help="default: lora")
     parser.add_argument("--out", required=True, help="adapter folder to write")
+    add_force_argument(parser, "steering adapter")
     parser.add_argument(
         "--top-layers", type=_positive_int, default=2, help="train the top K layers (default: 2)"
     )
@@ -466,6 +482,7 @@ def _run_train(args: argparse.Namespace) -> int:
         config=config,
         resume=args.resume,
         module_names=module_names_from(args),
+        overwrite=args.force or args.resume,
     )
     train = adapter.config.metrics["train"]
     print(
@@ -715,6 +732,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Error classes that mean bad input or a bad environment (not a bug): printed as one line."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (
+        ValueError,
+        LookupError,
+        OSError,
+        RuntimeError,
+        ImportError,
+        pickle.UnpicklingError,
+        SafetensorError,
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line that names the thing that is wrong."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        text = f"{error.strerror}{where}"
+        if error.errno == 28:
+            text += " (the disk is full: free space or choose another folder)"
+        return text
+    text = str(error) or type(error).__name__
+    if "No space left on device" in text or "os error 28" in text.lower():
+        text = "no space left on device (the disk is full: free space or choose another folder)"
+    if type(error).__name__ == "SafetensorError":
+        text = f"safetensors: {text}"
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -725,10 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lenssteer {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, LookupError, OSError, RuntimeError) as error:
+    except _expected_errors() as error:
         if os.environ.get("LENSSTEER_DEBUG"):
             raise
-        print(f"lenssteer {args.command}: error: {error}", file=sys.stderr)
+        print(f"lenssteer {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

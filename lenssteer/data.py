@@ -853,6 +853,22 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip()}"
 
 
+def _check_utf8(path: Path) -> None:
+    """Raise :class:`CorpusError` naming the file and line of the first byte that is not UTF-8."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CorpusError(
+                    f"not valid UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}); "
+                    "save the file as UTF-8",
+                    file=path,
+                    row=number,
+                    row_kind="line",
+                ) from None
+
+
 def _read_header(path: Path, delimiter: str) -> list[str]:
     with path.open(encoding="utf-8-sig", newline="") as handle:  # Excel writes a BOM
         if delimiter == "\t":
@@ -871,6 +887,8 @@ def _load_with_datasets(path: Path) -> dict[str, list[Any]]:
     builder = _FILE_FORMATS[suffix]
     if path.stat().st_size == 0:
         raise CorpusError("the file is empty", file=path)
+    if builder != "parquet":
+        _check_utf8(path)
     options: dict[str, Any] = {}
     if builder == "csv":
         delimiter = "\t" if suffix == ".tsv" else ","
@@ -1050,7 +1068,8 @@ def _load_text_folder(
                 file=folder,
                 language=code,
             )
-        lines = path.read_text(encoding="utf-8").split("\n")
+        _check_utf8(path)
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # utf-8-sig: drop a BOM
         if lines and lines[-1] == "":
             lines.pop()
         lines = [line.rstrip("\r") for line in lines]

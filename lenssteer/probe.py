@@ -76,15 +76,23 @@ def probe(
     progress: bool = True,
     loaded=None,
     representation: Representation = "residual",
+    overwrite: bool = True,
 ) -> Subspace:
     """Compute (and, with ``out``, save) the language subspaces of ``model`` on a parallel corpus.
 
-    ``loaded`` may pass an already loaded ``(tokenizer, model)`` pair to skip loading.
+    ``loaded`` may pass an already loaded ``(tokenizer, model)`` pair to skip loading. ``out`` is
+    checked before any work: a file, a non-empty folder that is not a subspace, a folder equal to
+    or inside an input (corpus file, model folder) or an unwritable place is refused, and so is an
+    existing subspace with ``overwrite=False`` (the CLI without ``--force``).
     ``representation="final_norm"`` reads the last layer after the model's final norm (as Lens
     does; ``layers`` must then be the last layer only, e.g. ``"-1"``).
     """
     from lenssteer.data import load_corpus
+    from lenssteer.io import check_output_folder
 
+    if out is not None:
+        inputs = [corpus, model] if loaded is None else [corpus]
+        check_output_folder(out, "subspace.json", "subspace", inputs, overwrite=overwrite)
     parallel = load_corpus(
         corpus, languages, central_language=central_language, limit=limit, seed=seed
     )

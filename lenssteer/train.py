@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -146,6 +147,16 @@ class TrainConfig:
             raise TrainingError(str(error)) from None
         if self.n_layers < 1:
             raise TrainingError(f"n_layers must be >= 1, got {self.n_layers}")
+        for name in ("learning_rate", "num_epochs", "lora_alpha", "lora_dropout", "warmup_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TrainingError(f"{name} must be a finite number, got {value!r}")
+        if self.max_steps <= 0 and not self.num_epochs > 0:
+            raise TrainingError(
+                f"num_epochs must be > 0 (CLI: --epochs), got {self.num_epochs}; or set max_steps"
+            )
+        if not self.learning_rate > 0:
+            raise TrainingError(f"learning_rate must be > 0, got {self.learning_rate}")
         for name in ("batch_size", "gradient_accumulation_steps", "precompute_batch_size"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -198,6 +209,9 @@ def _chat_template_from_signature(tokenizer, signature: str | None) -> bool:
 
 def check_subspace(model: nn.Module, subspace, languages: Sequence[str], central_language: str):
     """Raise :class:`TrainingError` unless ``subspace`` was made for ``model`` and ``languages``."""
+    for name in ("means", "agnostic", "specific_basis", "directions"):
+        if not bool(torch.isfinite(getattr(subspace, name)).all()):
+            raise TrainingError(f"the subspace's {name} hold NaN or infinite values")
     identity = model_identity(model)
     meta = subspace.metadata
     hidden = base_model_description(model)["hidden_size"]
@@ -932,7 +946,7 @@ class LensTrainingModule(nn.Module):
 
 def _lens_trainer_class():
     """The Trainer subclass (built lazily so importing this module stays cheap)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import Trainer
 
     class LensTrainer(Trainer):
@@ -950,6 +964,12 @@ def _lens_trainer_class():
                     previous = self._term_sums.get(name, torch.zeros((), device=value.device))
                     self._term_sums[name] = previous + value.detach().float()
             self._term_count += 1
+            if not bool(torch.isfinite(outputs["loss"]).all()):
+                terms = {k: float(v) for k, v in outputs.items() if k != "loss"}
+                raise TrainingError(
+                    f"the loss became NaN or infinite at step {self.state.global_step + 1} (terms "
+                    f"{terms}); nothing was saved: lower the learning rate or check the subspace"
+                )
             return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -968,10 +988,13 @@ def _lens_trainer_class():
         def _save(self, output_dir: str | None = None, state_dict=None) -> None:
             if not self.args.should_save:
                 return
+            from lenssteer.io import atomic_save_tensors
+
             output_dir = output_dir or self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             tensors = {n: p.detach().cpu().contiguous() for n, p in self._trainable().items()}
-            save_file(tensors, os.path.join(output_dir, "model.safetensors"), {"format": "pt"})
+            path = os.path.join(output_dir, "model.safetensors")
+            atomic_save_tensors(tensors, path, {"format": "pt"})
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
             path = os.path.join(resume_from_checkpoint, "model.safetensors")
@@ -1132,6 +1155,11 @@ def train_lens(
 
     config = config or TrainConfig()
     objective = config.objective()
+    if out_dir is not None:
+        from lenssteer.adapter import CONFIG_NAME
+        from lenssteer.io import check_output_folder
+
+        check_output_folder(out_dir, CONFIG_NAME, "steering adapter", [subspace_path])
     languages = list(corpus.languages)
     central_language = corpus.central_language
     check_subspace(model, subspace, languages, central_language)
@@ -1380,12 +1408,55 @@ def _check_reproduces_frozen(
         )
 
 
-def _prepare_checkpoint_dir(folder: Path, signature: dict, resume: bool | str) -> str | None:
-    """Check that checkpoints belong to this run; return the one to resume from (or None)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _checkpoint_complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder was written to the end.
 
+    The Trainer writes ``trainer_state.json`` last (weights, optimizer, scheduler and RNG state
+    before it), and our weights file is written atomically, so a checkpoint interrupted by a kill
+    lacks one of them or has a truncated state file.
+    """
+    state = checkpoint / "trainer_state.json"
+    if not (checkpoint / "model.safetensors").is_file() or not state.is_file():
+        return False
+    try:
+        return isinstance(json.loads(state.read_text(encoding="utf-8")), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+
+
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest complete ``checkpoint-<step>`` in ``folder``; incomplete ones warn and are skipped."""
+    steps = []
+    for path in folder.iterdir():
+        name, _, step = path.name.partition("-")
+        if name == "checkpoint" and step.isdigit() and path.is_dir():
+            steps.append((int(step), path))
+    for _, path in sorted(steps, reverse=True):
+        if _checkpoint_complete(path):
+            return str(path)
+        warnings.warn(
+            f"skipping the incomplete checkpoint {path} (interrupted while it was written)",
+            stacklevel=3,
+        )
+    return None
+
+
+def _prepare_checkpoint_dir(folder: Path, signature: dict, resume: bool | str) -> str | None:
+    """Check that checkpoints belong to this run; return the one to resume from (or None).
+
+    A folder that is neither empty nor a lenssteer checkpoint folder is refused, never deleted.
+    """
     marker = folder / "lenssteer_run.json"
+    if folder.exists() and (
+        not folder.is_dir() or (any(folder.iterdir()) and not marker.is_file())
+    ):
+        raise TrainingError(
+            f"checkpoint folder {folder} exists and is not a lenssteer checkpoint folder (no "
+            f"{marker.name}); move it away or choose another output"
+        )
     if isinstance(resume, str):
+        if not _checkpoint_complete(Path(resume)):
+            raise TrainingError(f"checkpoint {resume} is incomplete or not a checkpoint folder")
         return resume
     if resume and folder.is_dir():
         if marker.is_file():
@@ -1395,7 +1466,7 @@ def _prepare_checkpoint_dir(folder: Path, signature: dict, resume: bool | str) -
                     f"the checkpoints in {folder} belong to a different run (other settings, data or "
                     "model): delete the folder or resume=False"
                 )
-        last = get_last_checkpoint(str(folder))
+        last = _last_complete_checkpoint(folder)
         if last is not None:
             return last
     elif folder.is_dir() and not resume:
@@ -1803,15 +1874,24 @@ def train_adapter(
     progress: bool = True,
     module_names: ModuleNames | None = None,
     loaded=None,
+    overwrite: bool = True,
 ) -> SteeringAdapter:
     """Load model, subspace folder and corpus by name, train, and save the adapter to ``out``.
 
     ``languages`` defaults to the subspace's languages. ``loaded`` may pass an already loaded
-    ``(tokenizer, model)`` pair.
+    ``(tokenizer, model)`` pair. ``out`` is checked before any work: a file, a non-empty folder
+    that is not an adapter, a folder equal to, inside or around an input (the subspace, corpus
+    file or model folder) or an unwritable place is refused, and so is an existing adapter with
+    ``overwrite=False`` (the CLI without ``--force``).
     """
+    from lenssteer.adapter import CONFIG_NAME
     from lenssteer.data import load_corpus
+    from lenssteer.io import check_output_folder
     from lenssteer.models import load_model
     from lenssteer.subspace import Subspace
+
+    inputs = [subspace, corpus] + ([model] if loaded is None else [])
+    check_output_folder(out, CONFIG_NAME, "steering adapter", inputs, overwrite=overwrite)
 
     lens_subspace = Subspace.load(subspace)
     languages = list(languages) if languages else list(lens_subspace.languages)

@@ -56,7 +56,13 @@ from lenssteer.hooks import (
     run_until_stopped,
     stop_after,
 )
-from lenssteer.io import atomic_save_tensors, atomic_write_json, atomic_write_text
+from lenssteer.io import (
+    atomic_directory,
+    atomic_save_tensors,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+)
 from lenssteer.models import (
     ModuleNames,
     find_decoder_layers,
@@ -1243,12 +1249,17 @@ def run_transplant_grid(
     names: ModuleNames | None = None,
     command: str | None = None,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """The grid on a task for each recipient language; writes ``grid.json``, ``selected_pairs.json``,
     ``summary.md``, and per grid ``heatmap_<lang>_<granularity>.png`` and the raw option scores
     ``scores_<lang>_<granularity>.safetensors`` into ``out_dir``.
 
     Donors are recorded once and shared by all recipient languages. Returns the JSON content.
+    The arguments and ``out_dir`` are checked before any model work (a file, a non-empty folder
+    that is not a grid result, an input folder, an unwritable place, and with
+    ``overwrite=False`` an existing grid result are refused). The result folder is written beside
+    ``out_dir`` and replaces it in one rename, so it never mixes new files with an old grid.
     """
     from lenssteer.models import load_model, model_identity
 
@@ -1256,7 +1267,19 @@ def run_transplant_grid(
     recipient_languages = list(recipient_languages)
     if not recipient_languages:
         raise ValueError("give at least one recipient language")
+    repeated = sorted({x for x in recipient_languages if recipient_languages.count(x) > 1})
+    if repeated:
+        raise ValueError(f"recipient language(s) {', '.join(repeated)} given more than once")
+    if not (isinstance(dev_fraction, (int, float)) and 0 < dev_fraction < 1):
+        raise ValueError(f"--dev-fraction must be between 0 and 1 (exclusive), got {dev_fraction}")
     out_dir = Path(out_dir)
+    check_output_folder(
+        out_dir,
+        "grid.json",
+        "transplant-grid result",
+        [model_name, task],
+        overwrite=overwrite,
+    )
     started = time.perf_counter()
     tokenizer, model = load_model(model_name)
     n_layers = len(find_decoder_layers(model, names))
@@ -1295,6 +1318,8 @@ def run_transplant_grid(
     if len(donors) >= 2:  # the items the pairs were chosen on (a comparison refuses to score them)
         dev_indices, _ = dev_heldout_split(len(donors), dev_fraction, seed)
         selected["dev_item_ids"] = [donors[int(i)].id for i in dev_indices]
+    heatmaps: list[tuple[Any, ...]] = []  # written at the end, with everything else
+    raw_scores: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
     for language, items in zip(recipient_languages, recipient_lists, strict=True):
         prompts, continuations = _task_prompts(tokenizer, items, chat_template)
         answers = torch.tensor([item.answer for item in items])
@@ -1316,22 +1341,22 @@ def run_transplant_grid(
         for granularity, scores in grids.items():
             summary = summarize_grid(scores, answers, dev_fraction, seed)
             heatmap = f"heatmap_{language}_{granularity}.png"
-            plot_accuracy_heatmap(
-                summary["pair_accuracy"],
-                scores.pairs,
-                out_dir / heatmap,
-                f"{identity['model']}: {donor_language}->{language}, {granularity}, "
-                f"{len(items)} items",
-                summary["base_accuracy"],
+            heatmaps.append(
+                (
+                    summary["pair_accuracy"],
+                    scores.pairs,
+                    heatmap,
+                    f"{identity['model']}: {donor_language}->{language}, {granularity}, "
+                    f"{len(items)} items",
+                    summary["base_accuracy"],
+                )
             )
             summary["heatmap"] = heatmap
             summary["scores"] = f"scores_{language}_{granularity}.safetensors"
             raw = {"base": scores.base, "transplant": scores.transplant, "answers": answers}
             if scores.control is not None:
                 raw.update(control=scores.control, control_donors=scores.control_donors)
-            atomic_save_tensors(
-                raw, out_dir / summary["scores"], {"pairs": json.dumps(scores.pairs)}
-            )
+            raw_scores[summary["scores"]] = (raw, {"pairs": json.dumps(scores.pairs)})
             result["languages"][language][granularity] = summary
             selection = summary.get("selection", {})
             selected[language][granularity] = {
@@ -1340,9 +1365,14 @@ def run_transplant_grid(
                 **{k: v for k, v in selection.items() if k != "pair"},
             }
     result["seconds"] = round(time.perf_counter() - started, 1)
-    atomic_write_json(out_dir / "grid.json", result)
-    save_selected_pairs(out_dir / "selected_pairs.json", selected)
-    atomic_write_text(out_dir / "summary.md", format_grid_summary(result))
+    with atomic_directory(out_dir, marker="grid.json", what="transplant-grid result") as scratch:
+        for accuracy, pairs_, name, title, base_accuracy in heatmaps:
+            plot_accuracy_heatmap(accuracy, pairs_, scratch / name, title, base_accuracy)
+        for name, (raw, metadata) in raw_scores.items():
+            atomic_save_tensors(raw, scratch / name, metadata)
+        save_selected_pairs(scratch / "selected_pairs.json", selected)
+        atomic_write_text(scratch / "summary.md", format_grid_summary(result))
+        atomic_write_json(scratch / "grid.json", result)
     return result
 
 
