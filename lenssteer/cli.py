@@ -187,6 +187,7 @@ def _run_probe(args: argparse.Namespace) -> int:
     print(
         f"\n{subspace.metadata['model']}: {subspace.metadata['corpus']}, "
         f"{subspace.metadata['n_items']} items, rank {subspace.rank}, pooling {args.pooling}, "
+        f"representation {args.representation}, "
         f"template {subspace.metadata['template']}\n"
     )
     print(format_diagnostics(subspace))

@@ -1710,8 +1710,8 @@ QUICKSTART_CONFIG = TrainConfig(
 
 # The quickstart's settings with every term in scale-free units (objectives module docstring): pull
 # as a share of the frozen gap, push in units of |d|², retain as a share of the English states'
-# spread. The weights are the quickstart's converted to those units on the bundled Qwen2.5
-# (docs/training.md, "Scale-free objectives"), a starting point for every model, not tuned per model.
+# spread. The weights are the quickstart's converted to those units with estimates from the shipped
+# Qwen2.5 run (docs/training.md, "Scale-free units"): a starting point for every model, not tuned.
 SCALE_FREE_CONFIG = dataclasses.replace(
     QUICKSTART_CONFIG,
     normalization="scale_free",
