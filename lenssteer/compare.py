@@ -68,7 +68,7 @@ __all__ = [
     "run_comparison",
 ]
 
-SYSTEM_KINDS = ("base", "lens", "xtransplant", "baseline")
+SYSTEM_KINDS = ("base", "lens", "xtransplant", "baseline", "language-shift")
 
 
 class CompareConfigError(ValueError):
@@ -99,6 +99,11 @@ class SystemConfig:
     pairs_file: str | None = None
     select_on_dev: int | None = None  # dev items per language for choosing the pair in this run
     select_mode: str = "target-first"
+    select_task: str = "mmlu-translated"  # xtransplant: the task whose unscored items choose pairs
+    # language-shift: candidate layers (``layers``: None = a quarter, half, three quarters up),
+    # candidate strengths, and how many dev verses build the language means
+    strengths: list[float] | None = None
+    direction_items: int = 64
 
     def __post_init__(self) -> None:
         if self.kind not in SYSTEM_KINDS:
@@ -108,6 +113,13 @@ class SystemConfig:
             )
         if self.kind == "lens" and not self.adapter:
             raise CompareConfigError(f"system {self.name!r} (lens) needs 'adapter' (a folder)")
+        if self.kind == "language-shift":
+            if self.layers == "top:2":  # the baselines' default means nothing here
+                self.layers = None
+            if self.direction_items < 2:
+                raise CompareConfigError(
+                    f"system {self.name!r}: direction_items must be >= 2, got {self.direction_items}"
+                )
         if self.kind == "baseline" and not self.subspace:
             raise CompareConfigError(f"system {self.name!r} (baseline) needs 'subspace' (a folder)")
         if self.kind == "xtransplant":
@@ -359,6 +371,20 @@ class BaselineScorer(ModelScorer):
         return self.baseline.steer(self.model, language)
 
 
+class LanguageShiftScorer(ModelScorer):
+    """The language vector of :mod:`lenssteer.language_shift`, on for inputs in one language."""
+
+    def __init__(self, shift, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.shift = shift
+
+    def generation_groups(self, languages: Sequence[str]) -> list[list[str]]:
+        return [[language] for language in languages]  # the shift depends on the language
+
+    def steer(self, language: str) -> contextlib.AbstractContextManager:
+        return self.shift.steer(self.model, language)
+
+
 class TransplantScorer(ModelScorer):
     """XTransplant from the aligned central-language prompt, one (source, target) pair per language."""
 
@@ -460,6 +486,7 @@ class _PreparedSystem:
     adapter: Any = None
     baseline: Any = None
     pairs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    shift: Any = None  # language-shift: a lenssteer.language_shift.LanguageShift once chosen
 
 
 def _prepare_system(system: SystemConfig) -> _PreparedSystem:
@@ -559,7 +586,8 @@ def _resolve_pairs(
 def _select_pairs_on_dev(
     model, tokenizer, config, system, targets, exclude_ids, n_layers, progress
 ) -> tuple[dict[str, tuple[int, int]], set[str]]:
-    """Best pair per language on ``mmlu-translated`` dev items that are not scored in this run.
+    """Best pair per language on dev items of ``system.select_task`` (a multiple-choice task,
+    default ``mmlu-translated``) that are not scored in this run.
 
     Returns the pairs and the dev item ids. Ties: :func:`lenssteer.transplant.select_pair`.
     """
@@ -570,22 +598,29 @@ def _select_pairs_on_dev(
         transplant_grid,
     )
 
-    task = get_task("mmlu-translated")
+    task = get_task(system.select_task)
+    if not isinstance(task, MultipleChoiceTask):
+        raise CompareConfigError(
+            f"system {system.name!r}: select_task must be a multiple-choice task, not "
+            f"{system.select_task!r}"
+        )
+    scoring = task.scorings[0]
     available = [lang for lang in targets if lang in task.languages]
     if not available:
         return {}, set()
-    items = task.items([config.central_language, *available])
+    items = task.items([config.central_language, *available], None, config.seed)
     common = [i.id for i in items[config.central_language]]
     dev_ids = set(
         sample_ids(common, system.select_on_dev, config.seed, "xtransplant-dev", exclude_ids)
     )
     if not dev_ids:
         raise OverlapError(
-            f"system {system.name!r}: no mmlu-translated items are left for choosing the "
-            "XTransplant pair: every item is scored; lower the task's limit or give the pair"
+            f"system {system.name!r}: no {task.name} items are left for choosing the "
+            "XTransplant pair: every item is scored; lower the task's limit, choose on another "
+            "task (select_task) or give the pair"
         )
     central = [i for i in items[config.central_language] if i.id in dev_ids]
-    donors = [task.requests(tokenizer, item, "letter")[1] for item in central]
+    donors = [task.requests(tokenizer, item, scoring)[1] for item in central]
     activations = record_donor_activations(
         model, tokenizer, donors, None, [system.granularity], config.batch_size, progress=progress
     )
@@ -595,7 +630,7 @@ def _select_pairs_on_dev(
         rows = [i for i in items[language] if i.id in dev_ids]
         prompts, options = [], []
         for item in rows:
-            requests, context = task.requests(tokenizer, item, "letter")
+            requests, context = task.requests(tokenizer, item, scoring)
             prompts.append(context)
             options.append([r.continuation for r in requests])
         grid = transplant_grid(
@@ -605,6 +640,109 @@ def _select_pairs_on_dev(
         correct = grid.transplant.argmax(-1) == answers.unsqueeze(1)
         chosen[language] = tuple(grid.pairs[select_pair(correct, grid.pairs)])  # type: ignore[assignment]
     return chosen, dev_ids
+
+
+def _scored_ids(tasks, data, config: CompareConfig) -> dict[str, set[str]]:
+    """``{task name: ids scored in this run}`` (central language; every language has the same)."""
+    scored: dict[str, set[str]] = {}
+    for task, _ in tasks:
+        rows = data[task.name]
+        if isinstance(task, MultipleChoiceTask):
+            ids = {item.id for items in rows.values() for item in items}
+        else:  # retrieval texts and generation prompts: {language: [(id, text)]}
+            ids = {item_id for pairs in rows.values() for item_id, _ in pairs}
+        scored[task.name] = ids
+    return scored
+
+
+def _resolve_language_shift(
+    prepared: _PreparedSystem,
+    model: nn.Module,
+    tokenizer,
+    config: CompareConfig,
+    scored: Mapping[str, set[str]],
+    progress: bool,
+) -> None:
+    """Language means from dev verses, then layer and strength chosen on other dev verses; every
+    dev verse (and its neighbours) is disjoint from every verse the run scores."""
+    from lenssteer.language_shift import (
+        choose_layer_and_strength,
+        default_candidate_layers,
+        language_means,
+    )
+    from lenssteer.task_registry import (
+        BIBLE_LANGUAGES,
+        bible_followers,
+        bible_neighbourhood,
+        bible_verse_pairs,
+    )
+
+    system = prepared.config
+    missing = [lang for lang in config.languages if lang not in BIBLE_LANGUAGES]
+    if missing:
+        raise CompareConfigError(
+            f"system {system.name!r} (language-shift) builds its language means from public-domain "
+            f"Bibles, which lack {', '.join(missing)}; available: {', '.join(BIBLE_LANGUAGES)}"
+        )
+    n_layers = len(find_decoder_layers(model))
+    layers = (
+        default_candidate_layers(n_layers)
+        if system.layers is None
+        else resolve_layers(system.layers, n_layers)
+    )
+    strengths = [float(s) for s in (system.strengths or [system.strength])]
+    n_select = system.select_on_dev or 16
+    scored_verses = bible_neighbourhood(set().union(*scored.values()) if scored else set())
+    candidates = bible_followers(config.languages)
+    # Each dev verse brings its previous verse (the selection's context): keep both off the scored.
+    usable = [
+        item_id for item_id in candidates if not (bible_neighbourhood([item_id]) & scored_verses)
+    ]
+    direction_ids, select_ids = _split_dev(
+        usable, [system.direction_items, n_select], config.seed, "language-shift-dev"
+    )
+    check_disjoint(
+        [*direction_ids, *select_ids],
+        set().union(*scored.values()) if scored else set(),
+        f"system {system.name!r}: language-shift layer and strength",
+    )
+    means_items = bible_verse_pairs(config.languages, set(direction_ids))
+    texts = {lang: [item.choices[0] for item in rows] for lang, rows in means_items.items()}
+    means = language_means(model, tokenizer, texts, layers, config.batch_size, progress)
+    dev_items = bible_verse_pairs(config.languages, set(select_ids))
+    prepared.shift = choose_layer_and_strength(
+        model,
+        tokenizer,
+        means,
+        layers,
+        strengths,
+        dev_items,
+        config.central_language,
+        config.batch_size,
+        config.padding_side,
+        progress,
+    )
+    prepared.description.update(prepared.shift.describe())
+    prepared.description["selection"].update(
+        candidate_layers=layers,
+        candidate_strengths=strengths,
+        direction_item_ids=sorted(direction_ids),
+        dev_item_ids=sorted(select_ids),
+        disjoint_from_scored_items=True,
+    )
+
+
+def _split_dev(ids, sizes, seed, salt):
+    from lenssteer.sampling import split_ids
+
+    parts = split_ids(ids, [*sizes, None], seed, salt)[: len(sizes)]
+    for size, part in zip(sizes, parts, strict=True):
+        if len(part) < size:
+            raise OverlapError(
+                f"only {len(part)} dev verses are left after removing the scored ones ({size} "
+                "wanted); lower the limits or the dev sizes"
+            )
+    return parts
 
 
 @contextlib.contextmanager
@@ -620,6 +758,8 @@ def _activate(
             applied.remove()
     elif kind == "baseline":
         yield BaselineScorer(prepared.baseline, model, tokenizer, config, progress)
+    elif kind == "language-shift":
+        yield LanguageShiftScorer(prepared.shift, model, tokenizer, config, progress)
     elif kind == "xtransplant":
         yield TransplantScorer(
             prepared.pairs, prepared.config.granularity, model, tokenizer, config, progress
@@ -918,6 +1058,8 @@ def _first_changed_layer(prepared: _PreparedSystem, model: nn.Module) -> int | N
         if not found or any(m is None for m in found):
             return None  # weights outside the decoder layers (embeddings, head): no sharing
         return min(int(m.group(1)) for m in found)  # type: ignore[union-attr]
+    if prepared.shift is not None:
+        return prepared.shift.layer if prepared.shift.strength else None
     if prepared.baseline is not None:
         spec = prepared.baseline.layers
         layers = (
@@ -982,15 +1124,15 @@ def run_comparison(
         if prepared.baseline is not None:
             prepared.baseline.check(model)
     data = {task.name: _prepare_task_data(task, config, _limit(tc, config)) for task, tc in tasks}
-    scored_mmlu_ids = {
-        item.id
-        for task, _ in tasks
-        if task.name == "mmlu-translated"
-        for item in data[task.name][config.central_language]
-    }
+    scored = _scored_ids(tasks, data, config)
     for prepared in systems:
         if prepared.config.kind == "xtransplant":
-            _resolve_pairs(prepared, model, tokenizer, config, scored_mmlu_ids, progress)
+            exclude = scored.get(prepared.config.select_task, set())
+            if prepared.config.select_task == "mmlu-translated":
+                exclude = exclude | scored.get("mmlu-open", set())
+            _resolve_pairs(prepared, model, tokenizer, config, exclude, progress)
+        if prepared.config.kind == "language-shift":
+            _resolve_language_shift(prepared, model, tokenizer, config, scored, progress)
 
     base = next((p for p in systems if p.config.kind == "base"), None)
     order = [base, *[p for p in systems if p is not base]] if base else list(systems)
@@ -1124,6 +1266,12 @@ def _systems_note(systems: Sequence[_PreparedSystem]) -> str:
             text = (
                 f"training-free `{d['mode']}` from subspace `{d['subspace']}`, layers {d['layers']}, "
                 f"strength {d['strength']}"
+            )
+        elif d["kind"] == "language-shift":
+            text = (
+                f"language vector (mean of X minus mean of the central language) added at layer "
+                f"{d.get('layer')} with strength {d.get('strength')}, chosen on dev verses "
+                "disjoint from the scored ones (criterion: target-language log-likelihood per byte)"
             )
         elif d["kind"] == "xtransplant":
             text = (

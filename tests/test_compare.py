@@ -572,3 +572,62 @@ def test_new_tasks_run_on_a_tiny_model(setup, tokenizer, tmp_path):
     assert "loglik_per_byte**: mean per item, own unit" in report
     if "multiemo" in summary:
         assert document["metadata"]["tasks"]["multiemo"]["provenance"]["label_mismatch"] == 0
+
+
+def test_language_shift_system_chosen_on_dev_verses(setup, tokenizer, tmp_path):
+    root, model = setup
+    config = CompareConfig(
+        languages=["en", "de"],
+        out=str(tmp_path / "r"),
+        bootstrap_resamples=100,
+        tasks=[TaskConfig("bible-likelihood", limit=3), TaskConfig("bible-continuation", limit=2)],
+        systems=[
+            SystemConfig("base"),
+            SystemConfig(
+                "shift",
+                kind="language-shift",
+                layers=[1, 2],
+                strengths=[0.5, 4.0],
+                direction_items=4,
+                select_on_dev=3,
+            ),
+        ],
+    )
+    document = run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
+    described = document["metadata"]["systems"]["shift"]
+    selection = described["selection"]
+    assert len(selection["grid"]) == 1 + 2 * 2  # strength 0 once, then every (layer, strength)
+    best = max(row["dev_loglik_per_byte"] for row in selection["grid"])
+    chosen = next(
+        row
+        for row in selection["grid"]
+        if (row["layer"], row["strength"]) == (described["layer"], described["strength"])
+    )
+    assert chosen["dev_loglik_per_byte"] == best
+    dev = set(selection["dev_item_ids"]) | set(selection["direction_item_ids"])
+    assert len(dev) == 3 + 4
+    scored = {i for o in document["outcomes"] for i in o["item_ids"]}
+    assert not dev & scored
+    # The central language is never shifted: its rows equal the base model's.
+    rows = {
+        (o["system"], o["task"], o["language"]): o["values"]
+        for o in document["outcomes"]
+        if o["metric"] == "loglik_per_byte"
+    }
+    assert rows[("shift", "bible-likelihood", "en")] == rows[("base", "bible-likelihood", "en")]
+
+
+def test_language_shift_changes_target_language_scores(setup, tokenizer):
+    from lenssteer.evaluate import ScoringRequest, loglikelihoods
+    from lenssteer.language_shift import LanguageShift
+
+    _, model = setup
+    shift = LanguageShift(1, 3.0, {"de": torch.ones(32)}, "en")
+    request = [ScoringRequest("Im Anfang war", " das Wort", True)]
+    before = loglikelihoods(model, tokenizer, request)[0][0]
+    with shift.steer(model, "de"):
+        steered = loglikelihoods(model, tokenizer, request)[0][0]
+    with shift.steer(model, "en"):
+        central = loglikelihoods(model, tokenizer, request)[0][0]
+    assert steered != pytest.approx(before) and central == pytest.approx(before)
+    assert loglikelihoods(model, tokenizer, request)[0][0] == pytest.approx(before)  # removed
