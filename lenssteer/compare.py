@@ -1135,6 +1135,9 @@ def run_comparison(
             _resolve_language_shift(prepared, model, tokenizer, config, scored, progress)
 
     base = next((p for p in systems if p.config.kind == "base"), None)
+    from lenssteer.adapter import check_base_weights
+
+    base_fingerprint = check_base_weights(model, when="before the comparison")
     order = [base, *[p for p in systems if p is not base]] if base else list(systems)
     first_changed = {p.config.name: _first_changed_layer(p, model) for p in systems}
     shared = [k for k in first_changed.values() if k is not None and k > 0]
@@ -1161,6 +1164,7 @@ def run_comparison(
                         sharing = replay.replay()
                     else:
                         sharing = contextlib.nullcontext()
+                    check_base_weights(model, base_fingerprint, f"before system {name!r}")
                     with _activate(prepared, model, tokenizer, config, progress) as scorer:
                         if unit.language is not None and not scorer.supports(unit.language):
                             continue

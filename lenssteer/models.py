@@ -211,6 +211,29 @@ def bundled_model_folder(name: str) -> Path:
     return folder
 
 
+def _check_model_folder(folder: Path) -> None:
+    """A local model folder must hold a config, a tokenizer and safetensors weights (no pickle)."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} is not a model folder: it has no config.json")
+    if not list(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt*")
+        )
+        if pickles:
+            raise ModelLoadError(
+                f"{folder} holds weights only as pickle files ({', '.join(pickles[:3])}), which "
+                "can run code when loaded; lenssteer loads safetensors only (convert them with a "
+                "trusted tool first)"
+            )
+        raise ModelLoadError(f"{folder} is not a model folder: it has no *.safetensors weights")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / name).is_file() for name in tokenizer_files):
+        raise ModelLoadError(
+            f"{folder} has no tokenizer (none of {', '.join(tokenizer_files)}); save the "
+            "tokenizer into the model folder"
+        )
+
+
 def load_model(
     name_or_path: str,
     dtype: torch.dtype | str = torch.float32,
@@ -236,6 +259,7 @@ def load_model(
         revision, hub_kwargs = BUNDLED_MODELS[key].sha256, {}
     elif Path(name_or_path).expanduser().is_dir():
         source = model_id = str(Path(name_or_path).expanduser())
+        _check_model_folder(Path(source))
     elif name_or_path.startswith((".", "/", "~")):
         raise ModelLoadError(f"model folder {name_or_path!r} does not exist")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
