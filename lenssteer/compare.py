@@ -169,6 +169,13 @@ class CompareConfig:
     threads: int | None = None
 
     def validate(self) -> None:
+        if not isinstance(self.languages, list) or not all(
+            isinstance(code, str) for code in self.languages
+        ):
+            raise CompareConfigError(
+                f'languages must be a list of codes, e.g. languages = ["en", "de"]; got '
+                f"{self.languages!r}"
+            )
         if self.central_language not in self.languages:
             raise CompareConfigError(
                 f"central language {self.central_language!r} is not among languages "
