@@ -636,9 +636,15 @@ def _run_compare(args: argparse.Namespace) -> int:
         name = next(n for n in ["lens", *(f"lens-{k}" for k in range(2, 99))] if n not in names)
         names.add(name)
         config.systems.append(SystemConfig(name, kind="lens", adapter=adapter))
-    if args.subspace:
+    if args.subspace:  # a final_norm subspace exists at the last layer only: edit it there
+        point = _subspace_representation(args.subspace)
         config.systems.append(
-            SystemConfig("remove-specific", kind="baseline", subspace=args.subspace)
+            SystemConfig(
+                "remove-specific",
+                kind="baseline",
+                subspace=args.subspace,
+                layers="-1" if point == "final_norm" else "top:2",
+            )
         )
     if args.transplant:
         try:

@@ -176,3 +176,19 @@ def test_probe_and_train_at_the_final_norm(tiny_folder, corpus_file, tmp_path, c
     assert main(train) == 0  # the default is the subspace's representation
     config = SteeringAdapter.from_pretrained(tmp_path / "adapter").config
     assert config.representation["point"] == "final_norm" and config.loss_layers == [3]
+    # compare builds both systems at that point: the baseline edits the final norm's output
+    task = tmp_path / "toy.jsonl"
+    records = [
+        {"id": f"q{i}", "language": lang, "question": row[lang], "choices": ["a", "b"], "answer": 0}
+        for i, row in enumerate(ROWS[:3])
+        for lang in ("en", "fr")
+    ]
+    task.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    compare = ["compare", "--model", tiny_folder, "--languages", "en,fr", "--tasks", str(task)]
+    compare += ["--adapter", str(tmp_path / "adapter"), "--subspace", str(subspace)]
+    assert main([*compare, "--out", str(tmp_path / "report"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    systems = report["metadata"]["systems"]
+    assert systems["lens"]["representation"] == "final_norm"
+    assert systems["remove-specific"]["representation"] == "final_norm"
+    assert systems["remove-specific"]["layers"] == "-1"  # the only layer of such a subspace
