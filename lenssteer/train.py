@@ -965,7 +965,7 @@ def _lens_trainer_class():
                     self._term_sums[name] = previous + value.detach().float()
             self._term_count += 1
             if not bool(torch.isfinite(outputs["loss"]).all()):
-                terms = {k: float(v) for k, v in outputs.items() if k != "loss"}
+                terms = {k: float(v.detach()) for k, v in outputs.items() if k != "loss"}
                 raise TrainingError(
                     f"the loss became NaN or infinite at step {self.state.global_step + 1} (terms "
                     f"{terms}); nothing was saved: lower the learning rate or check the subspace"
