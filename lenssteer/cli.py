@@ -49,6 +49,15 @@ def add_force_argument(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_max_tokens_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        help="cut each text to its first N tokens, with a warning naming the row (default: the "
+        "model's context length)",
+    )
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -161,6 +170,7 @@ def _add_probe(subparsers) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--out", help="folder to write the subspace into")
     add_force_argument(parser, "subspace")
+    add_max_tokens_argument(parser)
     parser.set_defaults(handler=_run_probe)
 
 
@@ -183,6 +193,7 @@ def _run_probe(args: argparse.Namespace) -> int:
         module_names=module_names_from(args),
         representation=args.representation,
         overwrite=args.force,
+        max_tokens=args.max_tokens,
     )
     print(
         f"\n{subspace.metadata['model']}: {subspace.metadata['corpus']}, "
@@ -391,6 +402,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--kind", choices=["lora", "layers"], default="lora", help="default: lora")
     parser.add_argument("--out", required=True, help="adapter folder to write")
     add_force_argument(parser, "steering adapter")
+    add_max_tokens_argument(parser)
     parser.add_argument(
         "--top-layers", type=_positive_int, default=2, help="train the top K layers (default: 2)"
     )
@@ -458,6 +470,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "alpha": args.alpha,
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,
+        "max_tokens": args.max_tokens,
         "representation": args.representation or _subspace_representation(args.subspace),
         "normalization": args.normalization,
     }

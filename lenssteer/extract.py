@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,56 @@ def template_signature(tokenizer, chat_template: bool) -> str:
         return "raw"
     digest = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:12]
     return f"chat:{digest}"
+
+
+def model_context_length(model: nn.Module) -> int | None:
+    """The number of positions the model was built for (``max_position_embeddings``), if known."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def default_max_tokens(model: nn.Module, tokenizer, chat_template: bool) -> int | None:
+    """The token cap per text: the model's context less what the prompt format adds around a text."""
+    context = model_context_length(model)
+    if context is None:
+        return None
+    wrapped = format_texts(tokenizer, ["x"], chat_template)[0]
+    overhead = len(tokenizer(wrapped, add_special_tokens=not chat_template)["input_ids"]) - 1
+    return max(1, context - overhead)
+
+
+def cap_texts(
+    tokenizer, texts: Sequence[str], max_tokens: int | None, what: str = "text"
+) -> list[str]:
+    """``texts`` with each one cut to its first ``max_tokens`` tokens (``None``: no cap).
+
+    One long row would otherwise pad its batch and grow memory and time with its length squared;
+    a cut text is named in one warning (its 1-based row and token count).
+    """
+    if max_tokens is None:
+        return list(texts)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    capped = list(texts)
+    cut: list[str] = []
+    encoded = tokenizer(capped, add_special_tokens=False)["input_ids"]
+    for row, ids in enumerate(encoded):
+        if len(ids) > max_tokens:
+            capped[row] = tokenizer.decode(ids[:max_tokens])
+            cut.append(f"row {row + 1} ({len(ids)} tokens)")
+    if cut:
+        more = f" and {len(cut) - 5} more" if len(cut) > 5 else ""
+        warnings.warn(
+            f"{what}: {', '.join(cut[:5])}{more} cut to the first {max_tokens} tokens "
+            "(max_tokens; CLI: --max-tokens)",
+            stacklevel=3,
+        )
+    return capped
 
 
 def tokenize(tokenizer, prompts: Sequence[str], chat_template: bool) -> dict[str, torch.Tensor]:
@@ -318,6 +369,7 @@ def extract_states(
     description: str = "extract",
     share_prefix: bool = True,
     representation: Representation = "residual",
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """Pooled hidden states of ``texts`` at ``layers``: ``(n_texts, len(layers), hidden)``, float32.
 
@@ -325,6 +377,8 @@ def extract_states(
     uses ``$LENSSTEER_CACHE/states``; ``False`` disables the cache. ``share_prefix``: run the
     tokens every prompt starts with once (see the module docstring). ``representation``:
     ``"residual"`` (layer outputs) or ``"final_norm"`` (last layer only, after the final norm).
+    ``max_tokens``: longer texts are cut with a warning naming the row (default: the model's
+    context, see :func:`default_max_tokens`). Batches are built shortest text first.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
@@ -338,6 +392,9 @@ def extract_states(
     for position, text in enumerate(texts):
         if not text or not text.strip():
             raise ValueError(f"text #{position + 1} is empty")
+    if max_tokens is None:
+        max_tokens = default_max_tokens(model, tokenizer, chat_template)
+    texts = cap_texts(tokenizer, texts, max_tokens, description)
 
     cache_path = None
     if cache_dir is not False:
@@ -402,6 +459,7 @@ def extract_corpus(
     module_names: ModuleNames | None = None,
     share_prefix: bool = True,
     representation: Representation = "residual",
+    max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pooled states of every language of a :class:`~lenssteer.data.ParallelCorpus`.
 
@@ -422,6 +480,7 @@ def extract_corpus(
             description=f"extract {language}",
             share_prefix=share_prefix,
             representation=representation,
+            max_tokens=max_tokens,
         )
         for language in corpus.languages
     }

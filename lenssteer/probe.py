@@ -77,13 +77,15 @@ def probe(
     loaded=None,
     representation: Representation = "residual",
     overwrite: bool = True,
+    max_tokens: int | None = None,
 ) -> Subspace:
     """Compute (and, with ``out``, save) the language subspaces of ``model`` on a parallel corpus.
 
     ``loaded`` may pass an already loaded ``(tokenizer, model)`` pair to skip loading. ``out`` is
     checked before any work: a file, a non-empty folder that is not a subspace, a folder equal to
     or inside an input (corpus file, model folder) or an unwritable place is refused, and so is an
-    existing subspace with ``overwrite=False`` (the CLI without ``--force``).
+    existing subspace with ``overwrite=False`` (the CLI without ``--force``). ``max_tokens``: the
+    token cap per text (default: the model's context; longer texts are cut with a warning).
     ``representation="final_norm"`` reads the last layer after the model's final norm (as Lens
     does; ``layers`` must then be the last layer only, e.g. ``"-1"``).
     """
@@ -112,6 +114,7 @@ def probe(
         progress=progress,
         module_names=module_names,
         representation=representation,
+        max_tokens=max_tokens,
     )
     subspace = compute_subspace(
         states,

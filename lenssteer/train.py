@@ -53,7 +53,9 @@ from torch import nn
 from lenssteer.adapter import SteeringAdapter, base_model_description
 from lenssteer.extract import (
     RepresentationError,
+    cap_texts,
     check_representation,
+    default_max_tokens,
     format_texts,
     representation_map,
     template_signature,
@@ -105,6 +107,8 @@ class TrainConfig:
     model's scale) or ``"scale_free"`` (pull as a share of the frozen gap, push in units of the
     direction's squared length, retain as a share of the central states' spread; see
     :mod:`lenssteer.objectives`).
+    ``max_tokens``: texts longer than this many tokens are cut, with a warning naming the row
+    (default: the model's context; see :func:`lenssteer.extract.default_max_tokens`).
     """
 
     kind: str = "lora"
@@ -137,6 +141,7 @@ class TrainConfig:
     save_total_limit: int = 2
     representation: str = "residual"
     normalization: str = "mse"
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -488,6 +493,7 @@ def prepare_training_data(
     progress: bool = True,
     module_names: ModuleNames | None = None,
     representation: str = "residual",
+    max_tokens: int | None = None,
 ) -> TrainingData:
     """One frozen pass over every text of ``corpus``: inputs of ``first_layer`` and pooled states.
 
@@ -512,7 +518,13 @@ def prepare_training_data(
     except RepresentationError as error:
         raise TrainingError(str(error)) from None
     read = representation_map(model, representation, module_names)
-    texts = [corpus.texts[language][i] for i in range(n_items) for language in languages]
+    if max_tokens is None:
+        max_tokens = default_max_tokens(model, tokenizer, chat_template)
+    capped = {
+        language: cap_texts(tokenizer, corpus.texts[language], max_tokens, f"precompute {language}")
+        for language in languages
+    }
+    texts = [capped[language][i] for i in range(n_items) for language in languages]
     prompts = format_texts(tokenizer, texts, chat_template)
     encoded = tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
     prefix_length = _common_prefix_length(encoded) if share_prefix else 0
@@ -1194,6 +1206,7 @@ def train_lens(
             progress=progress,
             module_names=module_names,
             representation=config.representation,
+            max_tokens=config.max_tokens,
         )
     else:
         if (data.first_layer, data.languages) != (trained[0], languages):

@@ -349,6 +349,54 @@ def test_check_output_folder_refuses_a_folder_below_a_file(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# 4. One long row is cut to a token cap, with a warning naming it
+
+
+def test_a_long_row_is_cut_to_the_models_context_with_a_warning(tokenizer):
+    from lenssteer.extract import default_max_tokens, extract_states
+
+    model = make_tiny_model("qwen2", vocab_size=len(tokenizer))  # 256 positions
+    cap = default_max_tokens(model, tokenizer, chat_template=True)
+    assert 200 < cap < 256
+    long_row = "the sea " * 5000  # 10,000 tokens: far beyond the model's 256 positions
+    texts = ["a short verse", long_row, "another short verse"]
+    with pytest.warns(UserWarning, match=r"extract: row 2 \(\d+ tokens\) cut to the first"):
+        states = extract_states(
+            model, tokenizer, texts, [3], chat_template=True, cache_dir=False, progress=False
+        )
+    assert torch.isfinite(states).all()
+    cut = tokenizer.decode(tokenizer(long_row, add_special_tokens=False)["input_ids"][:cap])
+    alone = extract_states(
+        model, tokenizer, [cut], [3], chat_template=True, cache_dir=False, progress=False
+    )
+    torch.testing.assert_close(states[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_token_cap_is_configurable_and_applies_to_training_data(tokenizer):
+    from lenssteer.data import ParallelCorpus
+    from lenssteer.extract import extract_states
+    from lenssteer.train import prepare_training_data
+
+    model = make_tiny_model("qwen2", vocab_size=len(tokenizer))
+    with pytest.warns(UserWarning, match=r"row 1 \(\d+ tokens\) cut to the first 4 tokens"):
+        extract_states(
+            model,
+            tokenizer,
+            ["one two three four five six seven"],
+            [3],
+            cache_dir=False,
+            progress=False,
+            max_tokens=4,
+        )
+    corpus = ParallelCorpus({"en": ["short", "word " * 400], "fr": ["court", "mot"]}, "en")
+    with pytest.warns(
+        UserWarning, match=r"precompute en: row 2 \(\d+ tokens\) cut to the first 256"
+    ):
+        data = prepare_training_data(model, tokenizer, corpus, 2, [3], progress=False)
+    assert len(data) == 2
+
+
+# --------------------------------------------------------------------------------------------------
 # 5. A kill during a checkpoint write does not break --resume
 
 
