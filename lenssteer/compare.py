@@ -1088,6 +1088,9 @@ def _check_output_folder(out: Path) -> None:
             f"output folder {out} exists and is not a comparison report; choose another --out "
             "(the report folder is replaced as a whole)"
         )
+    from lenssteer.io import check_writable
+
+    check_writable(out)  # a read-only place is found before any scoring
 
 
 def run_comparison(

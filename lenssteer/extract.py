@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -442,7 +443,14 @@ def extract_states(
             bar.update(len(chunk))
     assert out is not None
     if cache_path is not None:
-        atomic_save_tensors({"states": out}, cache_path)
+        try:
+            atomic_save_tensors({"states": out}, cache_path)
+        except (OSError, SafetensorError) as error:  # a full or read-only cache costs speed only
+            warnings.warn(
+                f"could not write the states cache {cache_path} ({' '.join(str(error).split())}); "
+                "continuing without it",
+                stacklevel=2,
+            )
     return out
 
 

@@ -155,18 +155,28 @@ def check_output_folder(
                 f"output folder {path} would overwrite the input {source}; choose another output "
                 "folder"
             )
+    check_writable(path)
+    return path
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`OutputFolderError` unless ``path`` (a file or folder) can be created or replaced.
+
+    Tried for real (a temporary file in the nearest existing parent), so read-only mounts and
+    full disks are found even when running as root.
+    """
+    path = Path(path)
     parent = _nearest_existing(path.parent)
     if not parent.is_dir():
-        raise OutputFolderError(f"cannot create output folder {path}: {parent} is not a folder")
+        raise OutputFolderError(f"cannot create output {path}: {parent} is not a folder")
     try:
         probe_fd, probe_path = tempfile.mkstemp(dir=parent, prefix=".lenssteer-write-test.")
         os.close(probe_fd)
         os.unlink(probe_path)
     except OSError as error:
         raise OutputFolderError(
-            f"cannot write output folder {path}: {parent} is not writable ({error.strerror})"
+            f"cannot write output {path}: {parent} is not writable ({error.strerror})"
         ) from None
-    return path
 
 
 _REPLACE_ERRNOS = {errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR}

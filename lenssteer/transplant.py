@@ -62,6 +62,7 @@ from lenssteer.io import (
     atomic_write_json,
     atomic_write_text,
     check_output_folder,
+    check_writable,
 )
 from lenssteer.models import (
     ModuleNames,
@@ -1153,6 +1154,11 @@ def run_transplant(
 ) -> dict[str, Any]:
     """One pair on a task: base vs transplanted accuracy (and greedy outputs with ``generate``)."""
     from lenssteer.models import load_model, model_identity
+
+    if out is not None:  # checked before any work
+        if Path(out).is_dir():
+            raise ValueError(f"--out {out} is a folder; give a file name for the JSON result")
+        check_writable(out)
 
     granularity = _check_granularity(granularity)
     tokenizer, model = load_model(model_name)

@@ -640,6 +640,29 @@ def test_a_full_disk_during_a_safetensors_write_is_one_line(trained, tmp_path, c
     assert "/x/cache" in _one_line(OSError(28, "No space left on device", "/x/cache"))
 
 
+def test_an_unwritable_cache_costs_speed_not_the_run(tokenizer, tmp_path):
+    from lenssteer.extract import extract_states
+
+    model = make_tiny_model("qwen2", vocab_size=len(tokenizer))
+    blocked = tmp_path / "cache-is-a-file"
+    blocked.write_text("")  # the cache folder cannot be created (as on a full or read-only disk)
+    with pytest.warns(UserWarning, match="could not write the states cache"):
+        states = extract_states(
+            model, tokenizer, ["hello there"], [3], cache_dir=blocked, progress=False
+        )
+    assert states.shape == (1, 1, 32)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs a read-only /proc")
+def test_compare_and_transplant_find_an_unwritable_out_before_scoring(tmp_path, capsys):
+    argv = ["compare", "--model", str(tmp_path / "no-such-model"), "--no-progress"]
+    err = cli_error([*argv, "--out", "/proc/lenssteer-report"], capsys)
+    assert "/proc" in err and "not writable" in err
+    argv = ["transplant", "--model", str(tmp_path / "no-such-model"), "--source", "0"]
+    err = cli_error([*argv, "--target", "0", "--out", "/proc/one.json"], capsys)
+    assert "/proc" in err and "not writable" in err
+
+
 # --------------------------------------------------------------------------------------------------
 # 9. Saves under contention, deterministic bytes
 
