@@ -28,7 +28,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +63,72 @@ REPRESENTATIONS = ("residual", "final_norm")
 
 class RepresentationError(ValueError):
     """A representation point that is unknown or meaningless at the requested layers."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a set of pooled states came from: what a subspace records and training checks.
+
+    ``template`` is :func:`template_signature`'s fingerprint of the prompt format (None: raw text).
+    """
+
+    model: str
+    revision: str | None
+    fingerprint: str
+    num_layers: int
+    layers: tuple[int, ...]
+    pooling: Pooling
+    representation: Representation
+    template: str | None
+    corpus: str
+    data_hash: str
+    licences: dict = field(default_factory=dict)
+
+    def as_metadata(self) -> dict:
+        """The subspace.json fields (the layers are a field of the subspace itself)."""
+        fields_ = asdict(self)
+        del fields_["layers"]
+        return fields_
+
+
+def provenance_of(
+    model: nn.Module,
+    tokenizer,
+    corpus,
+    layers: Sequence[int],
+    pooling: Pooling,
+    chat_template: bool,
+    module_names: ModuleNames | None = None,
+    data_hash: str | None = None,
+    representation: Representation = "residual",
+) -> Provenance:
+    """The :class:`Provenance` of states extracted from ``corpus`` with these settings.
+
+    ``data_hash`` defaults to the corpus's own hash.
+    """
+    identity = model_identity(model)
+    return Provenance(
+        model=identity["model"],
+        revision=identity["revision"],
+        fingerprint=identity["fingerprint"],
+        num_layers=len(find_decoder_layers(model, module_names)),
+        layers=tuple(int(i) for i in layers),
+        pooling=pooling,
+        representation=representation,
+        template=template_signature(tokenizer, chat_template),
+        corpus=getattr(corpus, "source", "in-memory"),
+        data_hash=data_hash or corpus.data_hash(),
+        licences=dict(getattr(corpus, "licences", {})),
+    )
+
+
+class CorpusStates(dict):
+    """``{language: (n_items, len(layers), hidden)}`` plus the :class:`Provenance` of the states, which
+    :func:`~lenssteer.subspace.compute_subspace` records in the subspace."""
+
+    def __init__(self, states: dict[str, torch.Tensor], provenance: Provenance) -> None:
+        super().__init__(states)
+        self.provenance = provenance
 
 
 def check_representation(representation: str, layers: Sequence[int], n_layers: int) -> None:
@@ -468,12 +534,23 @@ def extract_corpus(
     share_prefix: bool = True,
     representation: Representation = "residual",
     max_tokens: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> CorpusStates:
     """Pooled states of every language of a :class:`~lenssteer.data.ParallelCorpus`.
 
-    Returns ``{language: (n_items, len(layers), hidden)}`` in the corpus' language order.
+    Returns ``{language: (n_items, len(layers), hidden)}`` in the corpus' language order, carrying
+    its :class:`Provenance` (``.provenance``) for :func:`~lenssteer.subspace.compute_subspace`.
     """
-    return {
+    provenance = provenance_of(
+        model,
+        tokenizer,
+        corpus,
+        layers,
+        pooling,
+        chat_template,
+        module_names,
+        representation=representation,
+    )
+    states = {
         language: extract_states(
             model,
             tokenizer,
@@ -492,3 +569,4 @@ def extract_corpus(
         )
         for language in corpus.languages
     }
+    return CorpusStates(states, provenance)

@@ -10,12 +10,11 @@ from lenssteer.extract import (
     Representation,
     check_representation,
     extract_corpus,
-    template_signature,
+    provenance_of,
 )
 from lenssteer.models import (
     ModuleNames,
     load_model,
-    model_identity,
     num_decoder_layers,
     resolve_layers,
 )
@@ -39,24 +38,20 @@ def probe_metadata(
     data_hash: str | None = None,
     representation: Representation = "residual",
 ) -> dict:
-    """What a subspace records about where its states came from (model, representation, text).
-
-    ``data_hash`` defaults to the corpus's own hash. ``representation``: the point read in each layer
-    (``"residual"`` or ``"final_norm"``, see :mod:`lenssteer.extract`).
-    """
-    identity = model_identity(model)
-    return {
-        "model": identity["model"],
-        "revision": identity["revision"],
-        "fingerprint": identity["fingerprint"],
-        "num_layers": num_decoder_layers(model, module_names),
-        "pooling": pooling,
-        "representation": representation,
-        "template": template_signature(tokenizer, chat_template),
-        "corpus": getattr(corpus, "source", "in-memory"),
-        "data_hash": data_hash or corpus.data_hash(),
-        "licences": getattr(corpus, "licences", {}),
-    }
+    """What a subspace records about where its states came from (model, representation, text):
+    :func:`~lenssteer.extract.provenance_of` as subspace.json fields."""
+    provenance = provenance_of(
+        model,
+        tokenizer,
+        corpus,
+        [],
+        pooling,
+        chat_template,
+        module_names,
+        data_hash,
+        representation,
+    )
+    return provenance.as_metadata()
 
 
 def probe(

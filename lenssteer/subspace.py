@@ -315,8 +315,19 @@ def compute_subspace(
     """Decompose pooled states ``{language: (items, len(layers), hidden)}`` into language subspaces.
 
     The subspace uses all items. Diagnostics, if asked, refit the decomposition on a training part
-    of the items and measure language identification and retrieval on the held-out rest.
+    of the items and measure language identification and retrieval on the held-out rest. States
+    from :func:`~lenssteer.extract.extract_corpus` carry their provenance (model, pooling, template,
+    representation, data), which the subspace records so that training can check it; ``metadata``
+    adds to it. Plain tensors (synthetic states) give a subspace that records none, which training
+    refuses.
     """
+    provenance = getattr(states, "provenance", None)
+    if provenance is not None:
+        if list(provenance.layers) != [int(i) for i in layers]:
+            raise SubspaceError(
+                f"the states were extracted at layers {list(provenance.layers)}, not {list(layers)}"
+            )
+        metadata = {**provenance.as_metadata(), **dict(metadata or {})}
     rank = _check_states(states, central_language, rank)
     languages = list(states)
     for language in languages:

@@ -1177,7 +1177,10 @@ def train_lens(
     check_subspace(model, subspace, languages, central_language)
     pooling = subspace.metadata.get("pooling")
     if pooling is None:
-        raise TrainingError("the subspace records no pooling ('pooling' in its metadata)")
+        raise TrainingError(
+            "the subspace records no provenance (no 'pooling' in its metadata): compute it from the "
+            "states extract_corpus returns (they carry it), or use lenssteer probe"
+        )
     probed_at = subspace.metadata.get("representation", "residual")
     if probed_at != config.representation:
         raise TrainingError(
