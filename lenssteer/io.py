@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import uuid
@@ -103,13 +104,25 @@ def atomic_save_tensors(
         raise
 
 
+def _is_non_folder(path: Path) -> bool:
+    """Whether something other than a real folder (a file, a link...) is at ``path`` (one lstat)."""
+    try:
+        return not stat.S_ISDIR(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def _refuse_foreign(path: Path, marker: str, what: str) -> None:
     """Raise unless ``path`` is absent, an empty folder, or a folder holding ``marker``."""
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
+    if _is_non_folder(path):
         raise OutputFolderError(
             f"output {path} exists and is not a folder; choose another output folder"
         )
-    if path.is_dir() and not (path / marker).is_file() and any(path.iterdir()):
+    try:
+        foreign = path.is_dir() and not (path / marker).is_file() and any(path.iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # replaced meanwhile by another writer
+        foreign = False
+    if foreign and not (path / marker).is_file():  # a second look: another writer may be mid-swap
         raise OutputFolderError(
             f"output folder {path} is not empty and is not a {what} (no {marker}); choose another "
             "output folder (it would be replaced as a whole)"
@@ -189,14 +202,16 @@ def atomic_directory(
     """Yield a scratch folder; on success it replaces ``path`` in one rename, on error it vanishes.
 
     An existing folder at ``path`` stays untouched until the new one is complete, and is replaced
-    as a whole (never merged). With ``marker``, a ``path`` that is a file or a non-empty folder
-    without that file is refused (:class:`OutputFolderError`), before and after the work. Several
+    as a whole (never merged). A file at ``path`` is refused (:class:`OutputFolderError`), and
+    with ``marker`` so is a non-empty folder without that file, before and after the work. Several
     writers of the same folder at once are safe: the last rename wins, none fails, no scratch or
     old folder is left behind.
     """
     path = Path(path)
     if marker is not None:
         _refuse_foreign(path, marker, what)
+    elif _is_non_folder(path):
+        raise OutputFolderError(f"output {path} exists and is not a folder; choose another one")
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old_folders: list[Path] = []
@@ -205,6 +220,8 @@ def atomic_directory(
         _publish_mode(scratch, directory=True)
         if marker is not None:
             _refuse_foreign(path, marker, what)
+        elif _is_non_folder(path):
+            raise OutputFolderError(f"output {path} exists and is not a folder; choose another one")
         for _attempt in range(1000):
             try:
                 os.replace(scratch, path)  # succeeds when path is absent or an empty folder

@@ -396,6 +396,15 @@ def test_the_token_cap_is_configurable_and_applies_to_training_data(tokenizer):
     assert len(data) == 2
 
 
+def test_a_result_folder_never_replaces_a_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(OutputFolderError, match="not a folder"):
+        with atomic_directory(notes) as scratch:
+            (scratch / "report.json").write_text("{}")
+    assert notes.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. A kill during a checkpoint write does not break --resume
 
@@ -667,15 +676,15 @@ def test_compare_and_transplant_find_an_unwritable_out_before_scoring(tmp_path, 
 # 9. Saves under contention, deterministic bytes
 
 
-def _save_many(args: tuple[str, int]) -> int:
+def _save_many(args: tuple[str, int]) -> list[str]:
     folder, count = args
     subspace = Subspace.load(folder + ".source")
-    failures = 0
+    failures = []
     for _ in range(count):
         try:
             subspace.save(folder)
-        except Exception:  # counted: the test expects none
-            failures += 1
+        except Exception as error:  # collected: the test expects none
+            failures.append(f"{type(error).__name__}: {error}")
     return failures
 
 
@@ -686,7 +695,7 @@ def test_parallel_saves_of_one_folder_neither_fail_nor_leave_scratch(trained, tm
     context = multiprocessing.get_context("fork")
     with context.Pool(2) as pool:
         failures = pool.map(_save_many, [(str(target), 60), (str(target), 60)])
-    assert failures == [0, 0]
+    assert failures == [[], []]
     assert sorted(os.listdir(tmp_path)) == ["sub", "sub.source"]  # no .tmp or .old folders
     assert tree(target) == tree(Path(str(target) + ".source"))
     Subspace.load(target)
