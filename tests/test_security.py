@@ -102,9 +102,11 @@ def cli_error(argv: list[str], capsys) -> str:
     """Run the CLI, expecting exit code 2 and exactly one line on stderr (no traceback)."""
     capsys.readouterr()  # drop what earlier calls printed
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("lenssteer ")]  # no bars
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0]
 
 
 def probe_args(model: str, corpus: str, *extra: str) -> list[str]:
@@ -456,6 +458,29 @@ def test_a_failed_write_leaves_the_old_result_folder_whole(tmp_path):
             (scratch / "heatmap_de_ffn.png").write_bytes(b"new")
             raise OSError(28, "No space left on device")
     assert tree(out) == {"grid.json": b"old", "summary.md": b"old"}
+    assert sorted(os.listdir(tmp_path)) == ["grid"]
+
+
+def test_a_grid_run_that_fails_leaves_the_previous_grid_whole(
+    tiny_folder, tmp_path, capsys, monkeypatch
+):
+    import lenssteer.transplant as transplant
+
+    out = tmp_path / "grid"
+    argv = ["transplant-grid", "--model", tiny_folder, "--mode", "explicit", "--sources", "0"]
+    argv += ["--targets", "0", "--limit", "4", "--no-control", "--out", str(out)]
+    assert main([*argv, "--recipient-lang", "de"]) == 0
+    before = tree(out)
+    err = cli_error([*argv, "--recipient-lang", "fr"], capsys)
+    assert "already holds a transplant-grid result" in err and "--force" in err
+
+    def full_disk(accuracy, pairs, path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(transplant, "plot_accuracy_heatmap", full_disk)
+    err = cli_error([*argv, "--recipient-lang", "fr", "--force"], capsys)
+    assert "disk is full" in err
+    assert tree(out) == before  # not a mix of new heatmaps and the old grid.json
     assert sorted(os.listdir(tmp_path)) == ["grid"]
 
 
