@@ -47,6 +47,7 @@ from lenssteer import __version__
 from lenssteer.io import atomic_directory, atomic_save_tensors, atomic_write_json
 from lenssteer.models import (
     find_decoder_layers,
+    loaded_fingerprint,
     model_identity,
     num_decoder_layers,
     weights_fingerprint,
@@ -224,7 +225,7 @@ def check_base_weights(model: nn.Module, expected: str | None = None, when: str 
     removed and by ``compare`` before each system: weights that changed under a run stop it.
     """
     if expected is None:
-        expected = model_identity(model)["fingerprint"]
+        expected = loaded_fingerprint(model)  # the checkpoint's, or its cast under --dtype
     actual = weights_fingerprint(model)
     if actual != expected:
         raise AdapterError(
@@ -732,6 +733,7 @@ class SteeringAdapter:
             merged = model
         identity = dict(model_identity(merged))
         identity["fingerprint"] = weights_fingerprint(merged)
+        identity.pop("loaded_fingerprint", None)  # the merged weights are their own checkpoint
         identity["merged_adapter"] = f"{self.kind}:{self.config.weights_sha256 or 'unsaved'}"
         merged.lenssteer_identity = identity
         return merged
@@ -745,17 +747,19 @@ def generate(
     chat_template: bool | None = None,
     compare: bool = True,
     loaded=None,
+    dtype: str | torch.dtype = "float32",
 ) -> dict[str, str]:
     """Greedy answers to ``prompt`` from the base model and, with ``adapter``, the steered one.
 
     Returns ``{"base": ...}`` and/or ``{"steered": ...}`` (``compare=False`` skips the base answer
     when an adapter is given). ``chat_template=None`` uses the template if the tokenizer has one.
+    ``dtype``: the weights' dtype when the model is loaded here (``"bfloat16"`` decodes faster).
     """
     from lenssteer.evaluate import generate_greedy
     from lenssteer.extract import format_texts
     from lenssteer.models import load_model
 
-    tokenizer, lm = loaded if loaded is not None else load_model(model)
+    tokenizer, lm = loaded if loaded is not None else load_model(model, dtype)
     if chat_template is None:
         chat_template = bool(getattr(tokenizer, "chat_template", None))
     text = format_texts(tokenizer, [prompt], chat_template)[0]

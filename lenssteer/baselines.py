@@ -56,9 +56,14 @@ BASELINE_MODES: tuple[str, ...] = ("remove-specific", "language-shift")
 def remove_specific(
     hidden: torch.Tensor, basis: torch.Tensor, strength: float = 1.0
 ) -> torch.Tensor:
-    """``hidden - strength * (hidden Bᵀ) B``. ``hidden``: ``(..., H)``; ``basis``: ``(r, H)``."""
-    basis = basis.to(hidden.device, hidden.dtype)
-    return hidden - strength * (hidden @ basis.T) @ basis
+    """``hidden - strength * (hidden Bᵀ) B``. ``hidden``: ``(..., H)``; ``basis``: ``(r, H)``.
+
+    The projection is computed in float32 whatever the model's dtype (a bfloat16 product would
+    leave a residue of the removed part of order 2⁻⁸ |hidden|), then cast back.
+    """
+    basis = basis.to(hidden.device, torch.float32)
+    wide = hidden.float()
+    return (wide - strength * (wide @ basis.T) @ basis).to(hidden.dtype)
 
 
 def language_shift(

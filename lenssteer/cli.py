@@ -68,13 +68,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DTYPE_HELP = (
+    "weights' dtype: float32 (default) or bfloat16 (about twice as fast on CPUs with bf16 matrix "
+    "units, half the memory; subspaces, adapters' trained weights and scores stay float32)"
+)
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, default: str | None = "float32") -> None:
+    """``--dtype``: one spelling on every command that loads a model."""
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=default, help=DTYPE_HELP
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` and the module-path overrides shared by every command that loads a model."""
+    """``--model``, ``--dtype`` and the module-path overrides of every command that loads a model."""
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"bundled name, HF id or folder (default: {DEFAULT_MODEL})",
     )
+    add_dtype_argument(parser)
     group = parser.add_argument_group("module discovery overrides (for unusual architectures)")
     group.add_argument(
         "--layers-path", help="dotted path of the decoder layer list, e.g. model.layers"
@@ -194,6 +208,7 @@ def _run_probe(args: argparse.Namespace) -> int:
         representation=args.representation,
         overwrite=args.force,
         max_tokens=args.max_tokens,
+        dtype=args.dtype,
     )
     print(
         f"\n{subspace.metadata['model']}: {subspace.metadata['corpus']}, "
@@ -284,6 +299,7 @@ def _run_transplant(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         names=module_names_from(args),
         out=args.out,
+        dtype=args.dtype,
     )
     print(
         f"\n{result['model']['model']}: {args.task} {args.donor_lang}->{args.recipient_lang}, "
@@ -346,6 +362,8 @@ def _transplant_grid_command(args: argparse.Namespace) -> str:
             parts.append(f"{flag}={','.join(map(str, values))}")
     if args.limit:
         parts += ["--limit", str(args.limit)]
+    if args.dtype != "float32":
+        parts += ["--dtype", args.dtype]
     parts += ["--seed", str(args.seed), "--out", args.out]
     if not args.control:
         parts.append("--no-control")
@@ -375,6 +393,7 @@ def _run_transplant_grid(args: argparse.Namespace) -> int:
         names=module_names_from(args),
         command=_transplant_grid_command(args),
         overwrite=args.force,
+        dtype=args.dtype,
     )
     print("\n" + format_grid_summary(result))
     print(f"results written to {args.out}")
@@ -497,6 +516,7 @@ def _run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         module_names=module_names_from(args),
         overwrite=args.force or args.resume,
+        dtype=args.dtype,
     )
     train = adapter.config.metrics["train"]
     print(
@@ -540,6 +560,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template,
         compare=not args.steered_only,
+        dtype=args.dtype,
     )
     for name, text in answers.items():
         print(f"--- {name}:\n{text}")
@@ -563,6 +584,7 @@ def _add_compare(subparsers) -> None:
     )
     parser.add_argument("--config", help="TOML config, e.g. recipes/compare_quickstart.toml")
     parser.add_argument("--model", help="bundled name, HF id or folder")
+    add_dtype_argument(parser, default=None)  # None: the config's dtype (default float32)
     parser.add_argument("--languages", type=_languages, help="comma-separated, central included")
     parser.add_argument("--central", help="central language (default: en)")
     parser.add_argument(
@@ -610,7 +632,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     )
 
     config = load_config(args.config) if args.config else CompareConfig()
-    for key in ("model", "limit", "out", "batch_size", "padding_side", "seed", "threads"):
+    for key in ("model", "dtype", "limit", "out", "batch_size", "padding_side", "seed", "threads"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     if args.languages:

@@ -50,8 +50,10 @@ from lenssteer.io import atomic_save_tensors
 from lenssteer.models import (
     ModuleNames,
     cache_root,
+    dtype_name,
     find_decoder_layers,
     find_final_norm,
+    model_dtype,
     model_identity,
 )
 
@@ -262,6 +264,9 @@ def _cache_key(
 ) -> str:
     identity = model_identity(model)
     point = {} if representation == "residual" else {"representation": representation}
+    dtype = model_dtype(model)
+    if dtype != torch.float32:  # float32 keys stay as they were before dtypes were keyed
+        point["dtype"] = dtype_name(dtype)
     text_hash = hashlib.sha256()
     for text in texts:
         text_hash.update(text.encode())

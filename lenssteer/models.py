@@ -28,15 +28,21 @@ from torch import nn
 __all__ = [
     "BUNDLED_MODELS",
     "BundledModel",
+    "DTYPES",
     "ModelLoadError",
     "ModuleDiscoveryError",
     "ModuleNames",
     "cache_root",
+    "cast_model",
     "find_decoder_layers",
     "find_layer_modules",
+    "dtype_name",
     "load_model",
+    "loaded_fingerprint",
+    "model_dtype",
     "model_identity",
     "num_decoder_layers",
+    "resolve_dtype",
     "resolve_layers",
     "weights_fingerprint",
 ]
@@ -244,14 +250,14 @@ def load_model(
     """Return ``(tokenizer, model)`` for a bundled name, a Hugging Face id or a local folder.
 
     The model is in eval mode; ``model.lenssteer_identity`` holds the id, revision and weights
-    fingerprint used to key caches and to check that an adapter fits this model.
+    fingerprint used to key caches and to check that an adapter fits this model. ``dtype``
+    (``"float32"``, ``"bfloat16"``; CLI ``--dtype``): the weights are read in float32, fingerprinted
+    (so adapters and subspaces made in either dtype fit) and then cast; a non-float32 identity
+    also records ``dtype`` and ``loaded_fingerprint`` (the cast weights' fingerprint).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-            dtype
-        ]
+    dtype = resolve_dtype(dtype)
     key = name_or_path.lower()
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if key in BUNDLED_MODELS:
@@ -272,18 +278,85 @@ def load_model(
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub_kwargs)
+        # Loaded in float32 first: the fingerprint is the checkpoint's, whatever dtype runs.
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **hub_kwargs)
     except OSError as error:
         raise ModelLoadError(f"could not load model {name_or_path!r}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
     model.lenssteer_identity = {
         "model": model_id,
         "revision": revision or getattr(model.config, "_commit_hash", None) or "local",
         "fingerprint": weights_fingerprint(model),
     }
+    cast_model(model, dtype)
+    model.to(device).eval()
     return tokenizer, model
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
+    """Cast ``model`` in place to ``dtype``, keeping its identity (the checkpoint's fingerprint).
+
+    A non-float32 identity records ``dtype`` and ``loaded_fingerprint`` (the fingerprint of the cast
+    weights, which :func:`loaded_fingerprint` returns for the live weight checks).
+    """
+    dtype = resolve_dtype(dtype)
+    identity = dict(model_identity(model))
+    identity.pop("dtype", None)
+    identity.pop("loaded_fingerprint", None)
+    was = model_dtype(model)
+    model.to(dtype)
+    if dtype != torch.float32:
+        identity["dtype"] = dtype_name(dtype)
+    if dtype != torch.float32 or was != torch.float32:  # the live weights are not the checkpoint's
+        identity["loaded_fingerprint"] = weights_fingerprint(model)
+    model.lenssteer_identity = identity
+    return model
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``torch.float32`` for ``None``; a name (``"bfloat16"``, ``"torch.bfloat16"``) or a dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.")
+        if key not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[key]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (its compute dtype)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def loaded_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of the weights as they were loaded, in the dtype the model runs in.
+
+    Equal to ``model_identity(model)["fingerprint"]`` (the checkpoint's, in float32) unless the
+    model was loaded in another dtype; :func:`lenssteer.adapter.check_base_weights` compares
+    :func:`weights_fingerprint` with this one.
+    """
+    identity = model_identity(model)
+    return identity.get("loaded_fingerprint") or identity["fingerprint"]
 
 
 def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 256) -> str:

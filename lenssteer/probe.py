@@ -73,6 +73,7 @@ def probe(
     representation: Representation = "residual",
     overwrite: bool = True,
     max_tokens: int | None = None,
+    dtype: str = "float32",
 ) -> Subspace:
     """Compute (and, with ``out``, save) the language subspaces of ``model`` on a parallel corpus.
 
@@ -82,7 +83,9 @@ def probe(
     existing subspace with ``overwrite=False`` (the CLI without ``--force``). ``max_tokens``: the
     token cap per text (default: the model's context; longer texts are cut with a warning).
     ``representation="final_norm"`` reads the last layer after the model's final norm (as Lens
-    does; ``layers`` must then be the last layer only, e.g. ``"-1"``).
+    does; ``layers`` must then be the last layer only, e.g. ``"-1"``). ``dtype``: the weights'
+    dtype when the model is loaded here (``"bfloat16"``: about twice as fast on CPUs with bf16
+    matrix units; the pooled states and the subspace stay float32).
     """
     from lenssteer.data import load_corpus
     from lenssteer.io import check_output_folder
@@ -93,7 +96,7 @@ def probe(
     parallel = load_corpus(
         corpus, languages, central_language=central_language, limit=limit, seed=seed
     )
-    tokenizer, lm = loaded if loaded is not None else load_model(model)
+    tokenizer, lm = loaded if loaded is not None else load_model(model, dtype)
     n_layers = num_decoder_layers(lm, module_names)
     absolute = resolve_layers(layers, n_layers)
     check_representation(representation, absolute, n_layers)

@@ -33,6 +33,7 @@ interrupted run leaves an earlier adapter there intact.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -68,7 +69,13 @@ from lenssteer.hooks import (
     run_until_stopped,
     stop_after,
 )
-from lenssteer.models import ModuleNames, find_decoder_layers, model_identity
+from lenssteer.models import (
+    ModuleNames,
+    dtype_name,
+    find_decoder_layers,
+    model_dtype,
+    model_identity,
+)
 from lenssteer.objectives import LensObjective, lens_losses, loss_scales
 
 __all__ = [
@@ -648,10 +655,43 @@ class _PassThrough(nn.Module):
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
     """The model's floating-point dtype (precomputed inputs are stored in float32)."""
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
+    return model_dtype(model)
+
+
+@contextmanager
+def _float32_layers(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Run ``layers`` in float32 inside a lower-precision model (their inputs cast up, outputs back).
+
+    Full-layer training of a bfloat16 model: the trained weights, their gradients and the
+    optimizer state are float32 (as LoRA's are under PEFT), the frozen rest stays bfloat16.
+    """
+    from lenssteer.hooks import _replace_main_output, main_output
+
+    def cast_in(_module, args, kwargs):
+        if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
+            args = (args[0].float(), *args[1:])
+        if torch.is_tensor(kwargs.get("hidden_states")):
+            kwargs["hidden_states"] = kwargs["hidden_states"].float()
+        return args, kwargs
+
+    handles, dtypes = [], []
+    try:
+        for layer in layers:
+            dtype = model_dtype(layer)
+            dtypes.append(dtype)
+            layer.float()
+
+            def cast_out(_module, _args, output, dtype=dtype):
+                return _replace_main_output(output, main_output(output).to(dtype))
+
+            handles.append(layer.register_forward_pre_hook(cast_in, with_kwargs=True))
+            handles.append(layer.register_forward_hook(cast_out))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, dtype in zip(layers, dtypes, strict=False):  # those cast so far
+            layer.to(dtype)
 
 
 def _decoder_of(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
@@ -1044,7 +1084,9 @@ def _lora_targets(model: nn.Module, trained_layers: Sequence[int], names: list[s
 
 
 def _checkpoint_signature(config: TrainConfig, data: TrainingData, identity, subspace) -> dict:
+    dtype = {"model_dtype": identity["dtype"]} if identity.get("dtype") else {}
     return {
+        **dtype,
         "config": config.to_dict(),
         "data_hash": data.data_hash,
         "languages": data.languages,
@@ -1093,7 +1135,10 @@ def trainable_top_layers(
     """Make only ``trained_layers`` trainable (in full, or through LoRA) for the ``with`` block.
 
     Everything else is frozen. On exit the model gets back its weights (LoRA unloaded, full layers
-    restored), ``requires_grad`` flags and train/eval mode, even after an error.
+    restored), ``requires_grad`` flags and train/eval mode, even after an error. In a bfloat16
+    model the trainable parameters are float32 all the same: PEFT makes LoRA weights float32, and
+    full layers run in float32 for the block (:func:`_float32_layers`), so gradients and the
+    optimizer state keep full precision while the frozen layers compute in bfloat16.
     """
     parameters = dict(model.named_parameters())
     requires_grad = {name: p.requires_grad for name, p in parameters.items()}
@@ -1103,6 +1148,7 @@ def trainable_top_layers(
     layer_params = {name: p for name, p in parameters.items() if id(p) in in_trained}
     originals = {}
     peft_model = None
+    upcast = contextlib.ExitStack()
     try:
         for p in parameters.values():
             p.requires_grad_(False)
@@ -1124,10 +1170,13 @@ def trainable_top_layers(
                 peft_model = get_peft_model(model, lora_config)
         else:
             originals = {n: p.detach().clone() for n, p in layer_params.items()}
+            if model_dtype(model) != torch.float32:
+                upcast.enter_context(_float32_layers([decoder_layers[i] for i in trained_layers]))
             for p in layer_params.values():
                 p.requires_grad_(True)
         yield _Trainable(config.kind, layer_params, peft_model)
     finally:
+        upcast.close()
         if peft_model is not None:
             peft_model.unload()
         with torch.no_grad():
@@ -1328,6 +1377,8 @@ def train_lens(
             "first_log": history[0] if history else None,
             "last_log": history[-1] if history else None,
             "processes": trainer.args.world_size,
+            "dtype": dtype_name(_dtype_of(model)),
+            "trainable_dtype": dtype_name(next(iter(trainable.parameters().values())).dtype),
         }
         if scales is not None:  # the units the scale-free terms were measured in, per loss layer
             adapter_config.metrics["loss_scales"] = {
@@ -1415,7 +1466,9 @@ def _check_reproduces_frozen(
     frozen = batch["frozen"].reshape(states.shape).to(states.device)
     error = (states - frozen).abs().max().item()
     scale = frozen.abs().max().item()
-    if not error <= 1e-3 * (1.0 + scale):
+    # bfloat16 keeps 8 bits of mantissa: two kernel orders differ by a few of its roundings.
+    tolerance = 1e-3 if _dtype_of(module.model) == torch.float32 else 3e-2
+    if not error <= tolerance * (1.0 + scale):
         path = "fast path (top layers from precomputed inputs)" if module.fast else "plain path"
         raise TrainingError(
             f"the {path} does not reproduce the frozen model's states (max difference {error:.3g} "
@@ -1891,6 +1944,7 @@ def train_adapter(
     module_names: ModuleNames | None = None,
     loaded=None,
     overwrite: bool = True,
+    dtype: str | torch.dtype = "float32",
 ) -> SteeringAdapter:
     """Load model, subspace folder and corpus by name, train, and save the adapter to ``out``.
 
@@ -1898,7 +1952,9 @@ def train_adapter(
     ``(tokenizer, model)`` pair. ``out`` is checked before any work: a file, a non-empty folder
     that is not an adapter, a folder equal to, inside or around an input (the subspace, corpus
     file or model folder) or an unwritable place is refused, and so is an existing adapter with
-    ``overwrite=False`` (the CLI without ``--force``).
+    ``overwrite=False`` (the CLI without ``--force``). ``dtype``: the frozen weights' dtype when the
+    model is loaded here; under ``"bfloat16"`` the trained parameters and optimizer state stay
+    float32 (see :func:`trainable_top_layers`).
     """
     from lenssteer.adapter import CONFIG_NAME
     from lenssteer.data import load_corpus
@@ -1914,7 +1970,7 @@ def train_adapter(
     parallel = load_corpus(
         corpus, languages, central_language=central_language, limit=limit, seed=seed
     )
-    tokenizer, lm = loaded if loaded is not None else load_model(model)
+    tokenizer, lm = loaded if loaded is not None else load_model(model, dtype)
     return train_lens(
         lm,
         tokenizer,

@@ -1151,8 +1151,12 @@ def run_transplant(
     names: ModuleNames | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    dtype: str | torch.dtype = "float32",
 ) -> dict[str, Any]:
-    """One pair on a task: base vs transplanted accuracy (and greedy outputs with ``generate``)."""
+    """One pair on a task: base vs transplanted accuracy (and greedy outputs with ``generate``).
+
+    ``dtype``: the weights' dtype (``"bfloat16"`` runs faster on CPUs with bf16 matrix units).
+    """
     from lenssteer.models import load_model, model_identity
 
     if out is not None:  # checked before any work
@@ -1161,7 +1165,7 @@ def run_transplant(
         check_writable(out)
 
     granularity = _check_granularity(granularity)
-    tokenizer, model = load_model(model_name)
+    tokenizer, model = load_model(model_name, dtype)
     donors, recipients = _aligned_items(task, donor_language, [recipient_language], limit, seed)
     donor_prompts, _ = _task_prompts(tokenizer, donors, chat_template)
     recipient_prompts, continuations = _task_prompts(tokenizer, recipients, chat_template)
@@ -1256,6 +1260,7 @@ def run_transplant_grid(
     command: str | None = None,
     progress: bool = True,
     overwrite: bool = True,
+    dtype: str | torch.dtype = "float32",
 ) -> dict[str, Any]:
     """The grid on a task for each recipient language; writes ``grid.json``, ``selected_pairs.json``,
     ``summary.md``, and per grid ``heatmap_<lang>_<granularity>.png`` and the raw option scores
@@ -1266,6 +1271,7 @@ def run_transplant_grid(
     that is not a grid result, an input folder, an unwritable place, and with
     ``overwrite=False`` an existing grid result are refused). The result folder is written beside
     ``out_dir`` and replaces it in one rename, so it never mixes new files with an old grid.
+    ``dtype``: the weights' dtype (``"bfloat16"`` or ``"float32"``, the default).
     """
     from lenssteer.models import load_model, model_identity
 
@@ -1287,7 +1293,7 @@ def run_transplant_grid(
         overwrite=overwrite,
     )
     started = time.perf_counter()
-    tokenizer, model = load_model(model_name)
+    tokenizer, model = load_model(model_name, dtype)
     n_layers = len(find_decoder_layers(model, names))
     pairs = grid_pairs(mode, n_layers, sources, targets)
     donors, *recipient_lists = _aligned_items(
