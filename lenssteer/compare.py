@@ -386,6 +386,8 @@ class LanguageShiftScorer(ModelScorer):
         self.shift = shift
 
     def generation_groups(self, languages: Sequence[str]) -> list[list[str]]:
+        if not self.shift.strength:  # strength 0 was chosen: the model as it is, one batch
+            return super().generation_groups(languages)
         return [[language] for language in languages]  # the shift depends on the language
 
     def steer(self, language: str) -> contextlib.AbstractContextManager:
@@ -1217,6 +1219,7 @@ def run_comparison(
         "shared_lower_layers": f"below layer {boundary}" if boundary else "no",
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "seconds": round(time.time() - started, 1),
+        "wall_time": _wall_time(time.time() - started),
         "packages": package_versions(),
         "systems": {p.config.name: p.description for p in systems},
         "tasks": {
@@ -1253,6 +1256,12 @@ def run_comparison(
         central_language=config.central_language,
         chance={task.name: task.chance for task, _ in tasks if task.chance is not None},
     )
+
+
+def _wall_time(seconds: float) -> str:
+    """The run's wall time for the report header (model loading included when this run loaded
+    it; report writing excluded)."""
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s, {torch.get_num_threads()} threads)"
 
 
 def _primary_metric(task: Task) -> str:
