@@ -692,6 +692,9 @@ def summarize(
                             "diff_high": high,
                             "mde": mde,
                             "underpowered": bool(binary and not mde <= UNDERPOWERED_ABOVE),
+                            "identical": all(
+                                a.values == b.values for a, b in zip(mine, theirs, strict=True)
+                            ),
                         }
                     )
     return table
@@ -790,6 +793,8 @@ def _diff_text(cell: Mapping[str, Any], fmt=_pct) -> str:
         f"{fmt(cell['diff'], True)} [{fmt(cell['diff_low'], True)}, "
         f"{fmt(cell['diff_high'], True)}]{flag}"
     )
+    if cell.get("identical"):
+        return f"{fmt(0.0, True)} (the same value on every item)"
     if cell.get("mde") is not None:
         text += f"; MDE {fmt(cell['mde'])}"
         if cell.get("underpowered"):

@@ -17,6 +17,7 @@ from lenssteer.evaluate import (
     encode_requests,
     generate_greedy,
     loglikelihoods,
+    markdown_tables,
     minimum_detectable_effect,
     paired_bootstrap_difference,
     stratified_bootstrap_mean,
@@ -406,6 +407,12 @@ def test_summary_cells_carry_mde_and_underpowered_mark():
     assert cells["en"]["mde"] == pytest.approx(2.801585 * math.sqrt(3.2 / 19 / 20), abs=1e-5)
     assert cells["en"]["underpowered"] is True
     assert cells["average"]["mde"] < cells["en"]["mde"]  # two languages: more items
+    assert cells["en"]["identical"] is False
+    same = [o for o in _outcomes() if o.system == "base"]
+    same += [Outcomes(o.task, o.metric, "copy", o.language, o.item_ids, o.values) for o in same]
+    copy = summarize(same)["toy"]["acc"]["copy"]["en"]
+    assert copy["identical"] is True and copy["mde"] == 0.0
+    assert "the same value on every item" in markdown_tables(summarize(same))
 
 
 def test_report_marks_underpowered_and_at_chance(tmp_path):
