@@ -598,6 +598,9 @@ def test_cli_transplant_grid_writes_json_heatmaps_and_summary(tiny_folder, tmp_p
     summary = (out / "summary.md").read_text()
     assert "| de | ffn |" in summary and "random-donor bound" in summary
     assert load_selected_pairs(out / "selected_pairs.json")["fr"]["ffn"]["target_layer"] in (0, 1)
+    # The items the pairs were chosen on are recorded, so a comparison can refuse to score them.
+    chosen_on = load_selected_pairs(out / "selected_pairs.json")["dev_item_ids"]
+    assert len(chosen_on) == 2 and set(chosen_on) <= set(result["item_ids"])
     raw = load_file(out / "scores_de_ffn.safetensors")
     assert raw["transplant"].shape == (4, 4, 4) and raw["control_donors"].shape == (4, 4)
     assert accuracy(raw["base"], raw["answers"]).float().mean() == grid["base_accuracy"]
