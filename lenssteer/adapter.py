@@ -272,6 +272,7 @@ class AdapterConfig:
     subspace: dict[str, Any] = field(default_factory=dict)
     data_hash: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    training_items: list[str] = field(default_factory=list)  # corpus ids: never to be scored
     weights_sha256: str | None = None
     format_version: int = FORMAT_VERSION
     lenssteer_version: str = __version__
@@ -318,6 +319,7 @@ class AdapterConfig:
             ("hyperparameters", isinstance(self.hyperparameters, dict), "an object"),
             ("representation", isinstance(self.representation, dict), "an object"),
             ("subspace", isinstance(self.subspace, dict), "an object"),
+            ("training_items", _str_list(self.training_items), "a list of item ids"),
             ("metrics", isinstance(self.metrics, dict), "an object"),
             ("data_hash", self.data_hash is None or isinstance(self.data_hash, str), "a string"),
             (

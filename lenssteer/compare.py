@@ -198,6 +198,8 @@ class CompareConfig:
             raise CompareConfigError(
                 f"padding_side must be left or right, not {self.padding_side!r}"
             )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise CompareConfigError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
         if self.batch_size < 1:
             raise CompareConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         for task in self.tasks:
@@ -662,6 +664,45 @@ def _scored_ids(tasks, data, config: CompareConfig) -> dict[str, set[str]]:
             ids = {item_id for pairs in rows.values() for item_id, _ in pairs}
         scored[task.name] = ids
     return scored
+
+
+def _core_id(item_id: str) -> str:
+    """An item's id without the prefix a training corpus adds (``mmlu:``, ``verse:``), so that a
+    corpus item and a task item made from the same question or verse compare equal."""
+    for prefix in ("verse:", "mmlu:"):
+        item_id = item_id.removeprefix(prefix)
+    return item_id
+
+
+def _drop_training_items(tasks, data, systems: Sequence[_PreparedSystem]) -> None:
+    """Remove from every task, for every system alike, the items a Lens adapter was trained on
+    (recorded in its config): no system is scored on an adapter's training items. What was dropped
+    is recorded in the adapter system's description."""
+    for prepared in systems:
+        trained = prepared.adapter.config.training_items if prepared.adapter is not None else []
+        if not trained:
+            continue
+        excluded = {_core_id(item_id) for item_id in trained}
+        dropped: dict[str, int] = {}
+        for task, _ in tasks:
+            rows = data[task.name]
+            if isinstance(task, MultipleChoiceTask):
+                kept = {
+                    lang: [i for i in items if _core_id(i.id) not in excluded]
+                    for lang, items in rows.items()
+                }
+                count = sum(len(v) for v in rows.values()) - sum(len(v) for v in kept.values())
+            else:  # {language: [(id, text)]}
+                kept = {
+                    lang: [(i, text) for i, text in pairs if _core_id(i) not in excluded]
+                    for lang, pairs in rows.items()
+                }
+                count = sum(len(v) for v in rows.values()) - sum(len(v) for v in kept.values())
+            if count:
+                data[task.name] = kept
+                dropped[task.name] = count // max(len(rows), 1)
+        prepared.description["training_items"] = len(trained)
+        prepared.description["training_items_not_scored"] = dropped
 
 
 def _resolve_language_shift(
@@ -1136,6 +1177,7 @@ def run_comparison(
         if prepared.baseline is not None:
             prepared.baseline.check(model)
     data = {task.name: _prepare_task_data(task, config, _limit(tc, config)) for task, tc in tasks}
+    _drop_training_items(tasks, data, systems)
     scored = _scored_ids(tasks, data, config)
     for prepared in systems:
         if prepared.config.kind == "xtransplant":

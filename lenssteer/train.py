@@ -1367,6 +1367,8 @@ def train_lens(
         adapter_config = _adapter_config(
             config, base, trained, loss_layers, data, subspace, subspace_path, chat_template
         )
+        # which items trained it: compare keeps them out of every scored task
+        adapter_config.training_items = [str(item_id) for item_id in corpus.ids]
         adapter_config.metrics["train"] = {
             "global_step": trainer.state.global_step,
             "epochs": trainer.state.epoch,

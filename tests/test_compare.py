@@ -631,3 +631,44 @@ def test_language_shift_changes_target_language_scores(setup, tokenizer):
         central = loglikelihoods(model, tokenizer, request)[0][0]
     assert steered != pytest.approx(before) and central == pytest.approx(before)
     assert loglikelihoods(model, tokenizer, request)[0][0] == pytest.approx(before)  # removed
+
+
+def test_an_adapters_training_items_are_never_scored(setup, tokenizer, tmp_path):
+    """Items a Lens adapter was trained on (corpus ids, e.g. ``mmlu:<id>``, ``verse:bible:<id>``)
+    are dropped from every task for every system, and the report says how many."""
+    root, model = setup
+    tasks = [TaskConfig("mmlu-translated", limit=4), TaskConfig("bible-retrieval", limit=4)]
+
+    def run(adapter: str, out: str) -> dict:
+        config = CompareConfig(
+            languages=["en", "de"],
+            out=str(tmp_path / out),
+            bootstrap_resamples=50,
+            tasks=tasks,
+            systems=[SystemConfig("base"), SystemConfig("lens", kind="lens", adapter=adapter)],
+        )
+        return run_comparison(config, progress=False, loaded=(tokenizer, model))
+
+    def scored(document: dict, task: str) -> set[str]:
+        return {
+            item_id
+            for o in document["outcomes"]
+            if o["task"] == task
+            for item_id in o["item_ids"]
+        }
+
+    before = run(str(root / "adapter"), "before")
+    mmlu_id, verse_id = sorted(scored(before, "mmlu-translated"))[0], sorted(
+        scored(before, "bible-retrieval")
+    )[0]
+    adapter = make_layers_adapter(model, 3)
+    adapter.config.training_items = [f"mmlu:{mmlu_id}", f"verse:{verse_id}", "mmlu:unrelated/0"]
+    adapter.save_pretrained(tmp_path / "trained-on-some")
+    after = run(str(tmp_path / "trained-on-some"), "after")
+    assert scored(after, "mmlu-translated") == scored(before, "mmlu-translated") - {mmlu_id}
+    assert scored(after, "bible-retrieval") == scored(before, "bible-retrieval") - {verse_id}
+    for o in after["outcomes"]:  # base and lens alike
+        assert mmlu_id not in o["item_ids"] and verse_id not in o["item_ids"]
+    lens = after["metadata"]["systems"]["lens"]
+    assert lens["training_items"] == 3
+    assert lens["training_items_not_scored"] == {"mmlu-translated": 1, "bible-retrieval": 1}

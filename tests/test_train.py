@@ -331,6 +331,10 @@ def test_last_partial_batch_is_not_dropped(setup, tokenizer, tmp_path):
     train = adapter.config.metrics["train"]
     assert train["global_step"] == 3
     assert train["items_seen"] == train["n_items"] == 5
+    # the items it was trained on are recorded, so that compare never scores them
+    from lenssteer.adapter import SteeringAdapter
+
+    assert SteeringAdapter.from_pretrained(tmp_path / "a").config.training_items == corpus.ids
 
 
 @pytest.mark.parametrize("off", ["pull", "push", "retain"])
