@@ -1209,7 +1209,13 @@ def run_comparison(
                 central_from_base = (
                     prepared.config.kind == "xtransplant" and base is not None and base_outcomes
                 )
-                if central_from_base and unit.language == config.central_language:
+                unchanged = (  # language-shift chose strength 0 on dev: it is the base model
+                    prepared.shift is not None
+                    and not prepared.shift.strength
+                    and base is not None
+                    and bool(base_outcomes)
+                )
+                if unchanged or (central_from_base and unit.language == config.central_language):
                     found = [replace(o, system=name) for o in base_outcomes]
                 else:
                     if prepared is base and replay is not None:

@@ -672,3 +672,24 @@ def test_an_adapters_training_items_are_never_scored(setup, tokenizer, tmp_path)
     lens = after["metadata"]["systems"]["lens"]
     assert lens["training_items"] == 3
     assert lens["training_items_not_scored"] == {"mmlu-translated": 1, "bible-retrieval": 1}
+
+
+def test_language_shift_at_strength_zero_reuses_the_base_rows(setup, tokenizer, tmp_path):
+    root, model = setup
+    config = CompareConfig(
+        languages=["en", "de"],
+        out=str(tmp_path / "r"),
+        bootstrap_resamples=100,
+        tasks=[TaskConfig("bible-likelihood", limit=2)],
+        systems=[
+            SystemConfig("base"),
+            SystemConfig(
+                "shift", kind="language-shift", layers=[1], strengths=[0.0], direction_items=2
+            ),
+        ],
+    )
+    document = run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
+    assert document["metadata"]["systems"]["shift"]["strength"] == 0.0
+    rows = {(o["system"], o["language"]): o["values"] for o in document["outcomes"]}
+    assert rows[("shift", "de")] == rows[("base", "de")]
+    assert document["summary"]["bible-likelihood"]["loglik_per_byte"]["shift"]["de"]["identical"]
