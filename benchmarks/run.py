@@ -9,7 +9,10 @@ Sections: ``extract`` (pooled extraction vs a plain forward; memory), ``train`` 
 plain path; reuses bench_train.py), ``transplant`` (XTransplant grid per pair, fast vs from
 scratch; reuses bench_transplant.py), ``inference`` (steered next-token latency and tokens/s),
 ``machine`` (matmul GFLOP/s and the forward's share of it), ``scaling`` (items and languages
-double). Every comparison alternates its ways in one process over several rounds and reports the
+double), ``bf16`` (bfloat16 vs float32: extraction, a training step, option scoring,
+generation, memory; reuses bench_bf16.py), ``peers`` (nnsight and steering-vectors on the same jobs,
+parity first; bench_peers.py; skipped unless the ``bench`` extra is installed). Every comparison
+alternates its ways in one process over several rounds and reports the
 medians and their ratio; memory is measured in fresh subprocesses.
 
 A full run (all sections, not ``--quick``) writes ``benchmarks/RESULTS.md`` atomically; other runs
@@ -44,7 +47,7 @@ from bench_common import Row, isolated_env, load_average, machine_info, versions
 from lenssteer.io import atomic_write_json, atomic_write_text  # noqa: E402
 from lenssteer.models import DEFAULT_MODEL, load_model  # noqa: E402
 
-SECTIONS = ("extract", "train", "transplant", "inference", "machine", "scaling")
+SECTIONS = ("extract", "train", "transplant", "inference", "machine", "scaling", "bf16", "peers")
 RESULTS = HERE / "RESULTS.md"
 
 # Sizes of each section: (full, quick).
@@ -81,6 +84,20 @@ SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "scaling": (
         {"base_items": 3, "rounds": 2, "train": True},
         {"base_items": 1, "rounds": 1, "train": False},
+    ),
+    "peers": ({"rounds": 3}, {"rounds": 1}),
+    "bf16": (
+        {"n_texts": 16, "train_items": 2, "score_items": 8, "generate_tokens": 16, "rounds": 5},
+        {
+            "n_texts": 4,
+            "batch_size": 4,
+            "train_items": 1,
+            "train_languages": "en,fr",
+            "score_items": 2,
+            "generate_tokens": 2,
+            "rounds": 1,
+            "memory": False,
+        },
     ),
 }
 
@@ -254,6 +271,29 @@ def run_scaling(model_name: str, loaded, size: dict[str, Any]) -> tuple[list[Row
     return rows, "\n".join(lines)
 
 
+def run_bf16(model_name: str, loaded, size: dict[str, Any]) -> tuple[list[Row], str]:
+    import bench_bf16
+
+    tokenizer, model = loaded
+    memory = model_name if size.get("memory", True) else None
+    size = {k: v for k, v in size.items() if k != "memory"}
+    return bench_bf16.bf16_rows(model, tokenizer, model_name=memory, **size), ""
+
+
+def run_peers(model_name: str, loaded, size: dict[str, Any]) -> tuple[list[Row], str]:
+    """nnsight and steering-vectors (the optional ``bench`` extra); skipped if not installed."""
+    import importlib.util
+
+    missing = [m for m in ("nnsight", "steering_vectors") if importlib.util.find_spec(m) is None]
+    if missing:
+        log(f"  peers skipped: {', '.join(missing)} not installed (pip install -e '.[bench]')")
+        return [], ""
+    import bench_peers
+
+    tokenizer, model = loaded
+    return bench_peers.peer_rows(model, tokenizer, **size), ""
+
+
 RUNNERS: dict[str, Callable[[str, Any, dict[str, Any]], tuple[list[Row], str]]] = {
     "extract": run_extract,
     "train": run_train,
@@ -261,6 +301,8 @@ RUNNERS: dict[str, Callable[[str, Any, dict[str, Any]], tuple[list[Row], str]]] 
     "inference": run_inference,
     "machine": run_machine,
     "scaling": run_scaling,
+    "bf16": run_bf16,
+    "peers": run_peers,
 }
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_model
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -183,6 +184,29 @@ def test_scaling_rows(loaded):
     check_rows(rows, "6.", count=3)  # extraction, precompute, training epoch
     assert [(e["items"], e["languages"]) for e in table] == [(1, 2), (2, 2)]
     assert table[1]["extract_bytes"] == 2 * table[0]["extract_bytes"]
+
+
+def test_bf16_rows(loaded):
+    import bench_analysis
+    import bench_bf16
+
+    tokenizer, model = loaded
+    rows = bench_bf16.bf16_rows(
+        model,
+        tokenizer,
+        n_texts=4,
+        batch_size=4,
+        train_items=1,
+        train_languages="en,fr",
+        score_items=2,
+        generate_tokens=2,
+        rounds=1,
+    )
+    check_rows(rows, "8.", count=5)  # extraction, training step, scoring, generation, memory
+    assert rows[-1].ratio == pytest.approx(0.5, abs=0.01)  # parameters: bf16 / fp32 bytes
+    assert "autocast_speedup" in rows[1].details
+    assert model.dtype == torch.float32  # the float32 model is left as it was
+    assert "### 8. bfloat16" in "\n".join(bench_analysis._bf16(rows))
 
 
 def test_run_writes_a_report(tiny_folder, tmp_path):
