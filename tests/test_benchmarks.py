@@ -209,6 +209,20 @@ def test_bf16_rows(loaded):
     assert "### 8. bfloat16" in "\n".join(bench_analysis._bf16(rows))
 
 
+def test_peer_rows_and_their_parity(loaded):
+    """The peers (optional 'bench' extra) reproduce our vectors and steered logits."""
+    pytest.importorskip("nnsight")
+    pytest.importorskip("steering_vectors")
+    import bench_peers
+
+    tokenizer, model = loaded
+    rows = bench_peers.pooled_activation_rows(model, tokenizer, n_texts=2, batch_size=2, rounds=1)
+    rows += bench_peers.language_shift_rows(model, tokenizer, generate_tokens=2, rounds=1)
+    check_rows(rows, "9.", count=3)
+    assert rows[0].details["parity"] < 1e-4 and rows[1].details["parity"] < 1e-4
+    assert rows[2].details["parity"] < 1e-4 < rows[2].details["moved"]
+
+
 def test_run_writes_a_report(tiny_folder, tmp_path):
     import run
 
