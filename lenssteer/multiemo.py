@@ -110,9 +110,8 @@ def fetch_archive() -> Path:
 
 
 @functools.cache
-def _read_languages(languages: tuple[str, ...]) -> dict[str, list[dict]]:
+def _read_languages(path: Path, languages: tuple[str, ...]) -> dict[str, list[dict]]:
     """``{language: examples}`` of ``all_text_<language>``, one pass over the archive."""
-    path = archive_path()
     wanted = {
         f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/multiemo/all_text_{lang}/task.json": lang
         for lang in languages
@@ -161,7 +160,7 @@ def load_multiemo(
             f"multiemo has no language {unknown[0]!r}; available: {', '.join(MULTIEMO_LANGUAGES)}"
         )
     read = tuple(sorted({*languages, "en"}))
-    examples = _read_languages(read)
+    examples = _read_languages(archive_path(), read)  # the archive is looked for on every call
     n = min(len(rows) for rows in examples.values())
     counts = {"aligned": n, "label_mismatch": 0, "too_long": 0, "kept": 0}
     items: dict[str, list[MultipleChoiceItem]] = {lang: [] for lang in languages}
