@@ -445,9 +445,9 @@ def subspace_agreement(fp32, bf16, tokenizer, languages, limit: int, seed: int =
         per_layer.append({"layer": a["layer"], **row})
         for key, (x, y) in row.items():
             diffs[key] = max(diffs.get(key, 0.0), abs(x - y))
-    cosines = torch.nn.functional.cosine_similarity(
-        spaces["fp32"].directions.float(), spaces["bf16"].directions.float(), dim=-1
-    )
+    a_dirs, b_dirs = spaces["fp32"].directions.float(), spaces["bf16"].directions.float()
+    nonzero = a_dirs.norm(dim=-1) > 0  # the central language's direction is zero
+    cosines = torch.nn.functional.cosine_similarity(a_dirs, b_dirs, dim=-1)[nonzero]
     return {
         "max_abs_diff": diffs,
         "per_layer": per_layer,

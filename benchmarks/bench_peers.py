@@ -11,7 +11,10 @@
   ``SteeringVector.apply`` with the same vector and multiplier. Parity: the largest difference of
   the steered logits; speed: greedy generation at batch 1.
 
-XTransplant written with nnsight (item 3a of the issue) is not measured here yet.
+* **one XTransplant pair**: the FFN output at the donor's last token in layer s, written into the
+  recipient's last token in layer t, with nnsight (a saved activation assigned in a second trace)
+  against our pair from scratch and our per-pair cost in the fast grid. Parity: the largest
+  difference of the options' log-likelihoods.
 
 Install the peers with ``pip install -e '.[bench]'`` (see pyproject.toml: steering-vectors declares
 ``transformers<5`` and is installed with ``--no-deps``). Run alone:
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -210,9 +214,113 @@ def language_shift_rows(
     ]
 
 
+def xtransplant_rows(model, tokenizer, items: int = 3, pairs_per_item: int = 2) -> list[Row]:
+    """Rows: one XTransplant pair (ffn, MMLU en -> de) written with nnsight, against our pair from
+    scratch (:func:`lenssteer.transplant.transplant_loglikelihoods`) and our per-pair cost in the
+    fast grid (donor once, prefix once, the target-first grid's pairs batched)."""
+    from nnsight import LanguageModel
+
+    from lenssteer.tasks import align_items, format_multiple_choice, load_task, sample_items
+    from lenssteer.transplant import (
+        grid_pairs,
+        record_donor_activations,
+        transplant_grid,
+        transplant_loglikelihoods,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = LanguageModel(model, tokenizer=tokenizer)
+    n_layers = len(find_decoder_layers(model))
+    pairs = grid_pairs("target-first", n_layers)
+    donors, recipients = align_items(
+        load_task("mmlu-translated", "en"), load_task("mmlu-translated", "de")
+    )
+    donors, recipients = sample_items(donors, items, 0), sample_items(recipients, items, 0)
+    generator = torch.Generator().manual_seed(0)
+
+    def nnsight_pair(donor: str, recipient: str, letters: list[int], s: int, t: int):
+        """The pair as nnsight's documentation writes a patch: save, then assign."""
+        donor_ids = tokenizer(donor, return_tensors="pt", add_special_tokens=False)
+        recipient_ids = tokenizer(recipient, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            with traced.trace(dict(donor_ids)):
+                activation = traced.model.layers[s].mlp.output[0, -1].save()
+            with traced.trace(dict(recipient_ids)):
+                traced.model.layers[t].mlp.output[0, -1] = activation
+                logits = traced.lm_head.output[0, -1].save()
+        return torch.log_softmax(logits.float(), dim=-1)[letters]
+
+    times: dict[str, list[float]] = {"nnsight": [], "scratch": [], "grid": []}
+    parity = 0.0
+    warm = format_multiple_choice(tokenizer, recipients[0])  # one untimed pair each way first
+    warm_letters = [
+        tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in warm.continuations
+    ]
+    nnsight_pair(
+        format_multiple_choice(tokenizer, donors[0]).text, warm.text, warm_letters, *pairs[0]
+    )
+    transplant_loglikelihoods(
+        model, tokenizer, [warm.text], [warm.text], [warm.continuations], *pairs[0]
+    )
+    for i in range(len(recipients)):
+        donor = format_multiple_choice(tokenizer, donors[i]).text
+        formatted = format_multiple_choice(tokenizer, recipients[i])
+        letters = [
+            tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in formatted.continuations
+        ]
+        chosen = torch.randperm(len(pairs), generator=generator)[:pairs_per_item].tolist()
+        for k in chosen:
+            s, t = pairs[k]
+            started = time.perf_counter()
+            theirs = nnsight_pair(donor, formatted.text, letters, s, t)
+            times["nnsight"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            ours = transplant_loglikelihoods(
+                model, tokenizer, [donor], [formatted.text], [formatted.continuations], s, t
+            )[0, : len(letters)]
+            times["scratch"].append(time.perf_counter() - started)
+            parity = max(parity, float((ours - theirs).abs().max()))
+        started = time.perf_counter()
+        activations = record_donor_activations(model, tokenizer, [donor], granularities=["ffn"])
+        transplant_grid(
+            model,
+            tokenizer,
+            [formatted.text],
+            [formatted.continuations],
+            activations,
+            pairs,
+            control=False,
+        )
+        times["grid"].append((time.perf_counter() - started) / len(pairs))
+    nnsight_s = median(times["nnsight"])
+    rows = []
+    for name, label in (("scratch", "from scratch"), ("grid", "in the fast grid")):
+        ours_s = median(times[name])
+        rows.append(
+            Row(
+                section=SECTION,
+                name=f"XTransplant pair (ffn): lenssteer {label} vs nnsight (speed-up)",
+                baseline=f"{nnsight_s:.3f} s/pair",
+                ours=f"{ours_s:.4f} s/pair",
+                ratio=nnsight_s / ours_s,
+                target="report",
+                met=None,
+                note=f"mmlu-translated en -> de, {len(recipients)} items x {pairs_per_item} random "
+                f"pairs of the target-first grid ({len(pairs)} pairs; the grid figure amortises "
+                "the donor and prefix passes over it), nnsight and ours alternating pair by pair. "
+                f"Parity: option log-likelihoods differ by at most {parity:.1e}",
+                details={"times": times, "parity": parity},
+            )
+        )
+    return rows
+
+
 def peer_rows(model, tokenizer, rounds: int = 3) -> list[Row]:
-    return pooled_activation_rows(model, tokenizer, rounds=rounds) + language_shift_rows(
-        model, tokenizer, rounds=rounds
+    return (
+        pooled_activation_rows(model, tokenizer, rounds=rounds)
+        + language_shift_rows(model, tokenizer, rounds=rounds)
+        + xtransplant_rows(model, tokenizer, items=rounds)
     )
 
 
