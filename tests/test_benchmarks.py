@@ -218,9 +218,11 @@ def test_peer_rows_and_their_parity(loaded):
     tokenizer, model = loaded
     rows = bench_peers.pooled_activation_rows(model, tokenizer, n_texts=2, batch_size=2, rounds=1)
     rows += bench_peers.language_shift_rows(model, tokenizer, generate_tokens=2, rounds=1)
-    check_rows(rows, "9.", count=3)
+    rows += bench_peers.xtransplant_rows(model, tokenizer, items=1, pairs_per_item=1)
+    check_rows(rows, "9.", count=5)
     assert rows[0].details["parity"] < 1e-4 and rows[1].details["parity"] < 1e-4
     assert rows[2].details["parity"] < 1e-4 < rows[2].details["moved"]
+    assert rows[3].details["parity"] < 1e-4  # nnsight's patched log-likelihoods are ours
 
 
 def test_run_writes_a_report(tiny_folder, tmp_path):
