@@ -337,7 +337,8 @@ def _peers(rows: list[Row]) -> list[str]:
         "head) and the chat template's system turn in every text; `extract_states` stops after "
         "the top requested layer and runs the shared prefix once. A steering vector is one hook "
         "either way (equal speed is the expected result). An XTransplant pair with nnsight is two "
-        "traced passes; ours from scratch is the same two passes without tracing, and the fast "
+        "traced passes that compute the LM head at every position; ours from scratch is the "
+        "same two passes keeping only the logits it scores (`logits_to_keep`), and the fast "
         "grid shares the donor and the recipient's prefix across all pairs."
     )
     return out
