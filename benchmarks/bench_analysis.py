@@ -345,6 +345,28 @@ def _peers(rows: list[Row]) -> list[str]:
     return out
 
 
+THREADS = """\
+### 7. Threads on a shared CPU (`benchmarks/bench_threads.py`, run on its own)
+
+The quickstart's training step (LoRA on the top 2 layers of qwen2.5-coder-0.5b-instruct, fast path,
+8 items x 5 languages) timed in fresh processes with `OMP_WAIT_POLICY=PASSIVE` and with it unset,
+alternating, 2 rounds x 4 steps, while 2 busy-loop processes ran the whole time, on 2 cores that
+three other developers' test runs were also using (load average 5-7), 2026-12-02:
+
+| policy | steps (s), round 1 | steps (s), round 2 | median |
+|---|---|---|---|
+| PASSIVE | 10.2, 27.1, 22.4, 22.3 | 23.3, 30.6, 26.1, 24.4 | 23.9 s |
+| unset | 27.3, 17.4, 9.4, 16.5 | 20.5, 21.8, 24.1, 27.8 | 21.2 s |
+
+unset / PASSIVE per round: 0.76 and 0.91. On this machine, with this much load, the policy made no
+difference that the noise lets us see (if anything PASSIVE was slower); the 4-8x slowdowns of
+spinning threads measured earlier (profiling, below) were on decoding steps with 2 threads and less
+load. `OMP_WAIT_POLICY=PASSIVE` stays the CLI's and recipes' default because it cannot make a lone
+process much slower and it protects the case measured earlier; a run with only the two busy
+processes (no other load) is still to be made.
+"""
+
+
 PROFILING = """\
 ## Profiling: what was measured, fixed, and what remains
 
@@ -369,8 +391,8 @@ mode stalls it) and the torch profiler, on the default model:
 - **Threads on a shared CPU.** With two OpenMP threads spinning while other processes hold the
   cores, a decoding step took 1.3-3.8 s instead of 0.45 s (4-8x slower and erratic). The benchmark
   sets `OMP_WAIT_POLICY=PASSIVE` before torch loads (it must be set before the OpenMP runtime
-  starts). Not changed in the package: users on shared machines should export it (or use fewer
-  threads); the CLI could set it by default, which is the lead's call.
+  starts). The CLI, the recipes and the README's two commands now set it too unless the user
+  did (`lenssteer/threads.py`; the training-step measurement under heavy load is section 7).
 - **Measuring memory honestly.** In fresh processes the same extraction first measured anywhere
   from +62 to +215 MB: glibc's adaptive allocation threshold keeps freed blocks in the heap, and a
   process's first pass pays one-off costs (library workspaces, the worker thread's arena, about
@@ -390,5 +412,6 @@ def analysis(rows: list[Row], context: dict[str, Any]) -> str:
         lines = section(rows)
         if lines:
             parts += lines + [""]
+    parts.append(THREADS)
     parts.append(PROFILING)
     return "\n".join(parts)
