@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lenssteer import __version__
-from lenssteer.io import atomic_directory, atomic_save_tensors, atomic_write_json
+from lenssteer.io import atomic_directory, atomic_save_tensors, atomic_write_json, file_sha256
 from lenssteer.models import (
     find_decoder_layers,
     loaded_fingerprint,
@@ -383,14 +383,6 @@ class AdapterConfig:
         return config
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_finite(weights: dict[str, torch.Tensor], source: str) -> None:
     for name in sorted(weights):
         tensor = weights[name]
@@ -495,7 +487,7 @@ class SteeringAdapter:
                 scratch / WEIGHTS_NAME,
                 metadata={"format": "pt", "lenssteer_kind": self.kind},
             )
-            self.config.weights_sha256 = _file_sha256(scratch / WEIGHTS_NAME)
+            self.config.weights_sha256 = file_sha256(scratch / WEIGHTS_NAME)
             data: dict[str, Any] = dict(self.lora_config or {})
             data["lenssteer"] = _json_ready(self.config.to_dict())
             atomic_write_json(scratch / CONFIG_NAME, data)
@@ -533,7 +525,7 @@ class SteeringAdapter:
                 f"{', '.join(sorted(data)[:4])}"
             )
         if config.weights_sha256 is not None:
-            actual = _file_sha256(weights_path)
+            actual = file_sha256(weights_path)
             if actual != config.weights_sha256:
                 raise AdapterError(
                     f"{weights_path} is corrupted or truncated: sha256 {actual[:16]}..., the config "

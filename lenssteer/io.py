@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,15 @@ def _umask() -> int:
 def _publish_mode(path: Path, directory: bool = False) -> None:
     """Give a temporary file/folder the permissions a plainly created one would have."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 4 MB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

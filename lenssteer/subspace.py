@@ -17,7 +17,6 @@ nearest-neighbour retrieval before and after projecting the specific subspace ou
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lenssteer.io import atomic_directory, atomic_save_tensors, atomic_write_json
+from lenssteer.io import atomic_directory, atomic_save_tensors, atomic_write_json, file_sha256
 
 FORMAT_VERSION = 1
 TENSORS = ("means", "agnostic", "specific_basis", "directions")
@@ -130,7 +129,7 @@ class Subspace:
                 scratch / "subspace.safetensors",
                 metadata={"format": "lenssteer-subspace", "format_version": str(FORMAT_VERSION)},
             )
-            header["tensors_sha256"] = _file_sha256(scratch / "subspace.safetensors")
+            header["tensors_sha256"] = file_sha256(scratch / "subspace.safetensors")
             atomic_write_json(scratch / "subspace.json", header)
         return Path(path)
 
@@ -163,7 +162,7 @@ class Subspace:
             )
         recorded = header.get("tensors_sha256")
         if recorded is not None:  # subspaces saved before the checksum existed have none
-            actual = _file_sha256(tensor_path)
+            actual = file_sha256(tensor_path)
             if actual != recorded:
                 raise SubspaceError(
                     f"{tensor_path} is corrupted or truncated (or was changed): sha256 {actual[:16]}..., "
@@ -207,14 +206,6 @@ class Subspace:
             central_language=header["central_language"],
             metadata=metadata,
         )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_header_types(header: dict[str, Any], json_path: Path) -> None:
