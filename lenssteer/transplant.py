@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lenssteer.evaluate import wilson_interval  # the one copy (re-exported for callers)
 from lenssteer.forward import cache_in_call, cache_keyword, cache_of_output
 from lenssteer.hooks import (
     hooked,
@@ -932,17 +933,6 @@ def answer_probability(scores: torch.Tensor, answers: torch.Tensor) -> torch.Ten
     answers = answers.long().view(-1, *([1] * (scores.dim() - 2)), 1)
     probabilities = torch.softmax(scores.float(), dim=-1)
     return probabilities.gather(-1, answers.expand(*scores.shape[:-1], 1)).squeeze(-1)
-
-
-def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if total == 0:
-        return (0.0, 1.0)
-    p = successes / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def select_pair(correct: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> int:
