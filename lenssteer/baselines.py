@@ -36,10 +36,9 @@ from lenssteer.models import (
     ModuleNames,
     find_decoder_layers,
     find_final_norm,
-    model_identity,
     resolve_layers,
 )
-from lenssteer.subspace import Subspace, SubspaceError
+from lenssteer.subspace import Subspace
 
 __all__ = [
     "BASELINE_MODES",
@@ -73,25 +72,6 @@ def language_shift(
     return hidden + strength * direction.to(hidden.device, hidden.dtype)
 
 
-def _check_fits(model: nn.Module, subspace: Subspace, source: str, strict: bool) -> None:
-    from lenssteer.adapter import base_model_description
-
-    description = base_model_description(model)
-    if subspace.hidden_size != description["hidden_size"]:
-        raise SubspaceError(
-            f"subspace {source} has hidden size {subspace.hidden_size}, the model "
-            f"{description['model']} has {description['hidden_size']}: it was made for another model"
-        )
-    expected = subspace.metadata.get("fingerprint")
-    actual = model_identity(model)["fingerprint"]
-    if strict and expected and expected != actual:
-        raise SubspaceError(
-            f"subspace {source} was made for {subspace.metadata.get('model', '?')} (weights "
-            f"fingerprint {expected}), not for this model (fingerprint {actual}); pass strict=False "
-            "to use it anyway"
-        )
-
-
 @contextmanager
 def subspace_steering(
     model: nn.Module,
@@ -113,7 +93,7 @@ def subspace_steering(
         raise ValueError(
             f"unknown baseline mode {mode!r}; choose one of {', '.join(BASELINE_MODES)}"
         )
-    _check_fits(model, subspace, subspace.metadata.get("path", "(in memory)"), strict)
+    subspace.check_fits(model, strict)
     decoder_layers = find_decoder_layers(model, module_names)
     chosen = (
         list(subspace.layers) if layers is None else resolve_layers(layers, len(decoder_layers))
@@ -192,7 +172,7 @@ class SubspaceBaseline:
 
     def check(self, model: nn.Module, strict: bool = True) -> None:
         """Raise unless the subspace fits ``model`` and names every requested layer."""
-        _check_fits(model, self.subspace, self.source, strict)
+        self.subspace.check_fits(model, strict, self.source)
         n_layers = len(find_decoder_layers(model, self.module_names))
         chosen = (
             self.subspace.layers if self.layers is None else resolve_layers(self.layers, n_layers)

@@ -62,6 +62,49 @@ class Subspace:
     def hidden_size(self) -> int:
         return self.means.shape[-1]
 
+    def check_fits(
+        self, model: torch.nn.Module, strict: bool = True, source: str | None = None
+    ) -> None:
+        """Raise :class:`SubspaceError` unless this subspace can steer ``model``: finite values, the
+        model's hidden size and layer count, and (``strict``) the weights it was probed on.
+
+        The one check that training, the baselines and compare share.
+        """
+        from lenssteer.models import find_decoder_layers, model_identity
+
+        source = source or str(self.metadata.get("path", "(in memory)"))
+        for name in ("means", "agnostic", "specific_basis", "directions"):
+            if not bool(torch.isfinite(getattr(self, name)).all()):
+                raise SubspaceError(f"subspace {source}: its {name} hold NaN or infinite values")
+        identity = model_identity(model)
+        config = (
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
+        hidden = int(config.hidden_size)
+        made_for = self.metadata.get("model", "unknown")
+        if self.hidden_size != hidden:
+            raise SubspaceError(
+                f"subspace {source} has hidden size {self.hidden_size}, the model "
+                f"{identity['model']} has {hidden}: it was made for another model ({made_for})"
+            )
+        n_layers = len(find_decoder_layers(model))
+        expected_layers = self.metadata.get("num_layers")
+        if expected_layers and expected_layers != n_layers:
+            raise SubspaceError(
+                f"subspace {source} was made for a model with {expected_layers} layers; this one "
+                f"has {n_layers}"
+            )
+        expected = self.metadata.get("fingerprint")
+        if strict and expected and expected != identity["fingerprint"]:
+            raise SubspaceError(
+                f"subspace {source} was made for model {made_for!r} (weights fingerprint "
+                f"{expected}), not for this one ({identity['model']!r}, fingerprint "
+                f"{identity['fingerprint']}): probe this model first (Python: strict=False uses "
+                "it anyway)"
+            )
+
     def layer_position(self, layer: int) -> int:
         """Row of absolute decoder layer ``layer`` in the tensors."""
         if layer not in self.layers:

@@ -77,6 +77,7 @@ from lenssteer.models import (
     model_identity,
 )
 from lenssteer.objectives import LensObjective, lens_losses, loss_scales
+from lenssteer.subspace import SubspaceError
 
 __all__ = [
     "KINDS",
@@ -221,29 +222,10 @@ def _chat_template_from_signature(tokenizer, signature: str | None) -> bool:
 
 def check_subspace(model: nn.Module, subspace, languages: Sequence[str], central_language: str):
     """Raise :class:`TrainingError` unless ``subspace`` was made for ``model`` and ``languages``."""
-    for name in ("means", "agnostic", "specific_basis", "directions"):
-        if not bool(torch.isfinite(getattr(subspace, name)).all()):
-            raise TrainingError(f"the subspace's {name} hold NaN or infinite values")
-    identity = model_identity(model)
-    meta = subspace.metadata
-    hidden = base_model_description(model)["hidden_size"]
-    if subspace.hidden_size != hidden:
-        raise TrainingError(
-            f"the subspace has hidden size {subspace.hidden_size} but the model has {hidden}: "
-            f"it was made for another model ({meta.get('model', 'unknown')})"
-        )
-    if meta.get("fingerprint") and meta["fingerprint"] != identity["fingerprint"]:
-        raise TrainingError(
-            f"the subspace was made for model {meta.get('model')!r} (weights fingerprint "
-            f"{meta['fingerprint']}), not for this one ({identity['model']!r}, fingerprint "
-            f"{identity['fingerprint']}): probe this model first"
-        )
-    n_layers = len(find_decoder_layers(model))
-    if meta.get("num_layers") and meta["num_layers"] != n_layers:
-        raise TrainingError(
-            f"the subspace was made for a model with {meta['num_layers']} layers; this one has "
-            f"{n_layers}"
-        )
+    try:
+        subspace.check_fits(model)
+    except SubspaceError as error:
+        raise TrainingError(str(error)) from error
     missing = [language for language in languages if language not in subspace.languages]
     if missing:
         raise TrainingError(
