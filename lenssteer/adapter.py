@@ -29,11 +29,10 @@ model's weights fingerprint is computed again; a change is an error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from lenssteer.models import (
     loaded_fingerprint,
     model_identity,
     num_decoder_layers,
+    tensors_fingerprint,
     weights_fingerprint,
 )
 
@@ -203,18 +203,6 @@ def check_lora_config(data: dict[str, Any], source: str = "adapter config") -> d
         if key not in data:
             raise AdapterError(f"{source}: a LoRA adapter needs PEFT's key {key!r}")
     return passed
-
-
-def _sampled_fingerprint(named: Iterable[tuple[str, torch.Tensor]], samples: int = 256) -> str:
-    """:func:`lenssteer.models.weights_fingerprint` over given (name, tensor) pairs."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(named, key=lambda item: item[0]):
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // samples)
-        sample = flat[::step][:samples].to(torch.float32).cpu()
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def check_base_weights(model: nn.Module, expected: str | None = None, when: str = "") -> str:
@@ -604,14 +592,14 @@ class SteeringAdapter:
         # The tensors themselves (not copies): what they hold after applying is what is checked.
         tracked = dict(model.state_dict(keep_vars=True))
         untouched = [(n, t) for n, t in tracked.items() if n not in self.weights]
-        before_all = _sampled_fingerprint(tracked.items())
-        before_untouched = _sampled_fingerprint(untouched)
+        before_all = tensors_fingerprint(tracked.items())
+        before_untouched = tensors_fingerprint(untouched)
         n_layers = num_decoder_layers(model)
         if self.kind == "lora":
             applied = self._apply_lora(model)
         else:
             applied = self._apply_layers(model)
-        if _sampled_fingerprint(untouched) != before_untouched or (
+        if tensors_fingerprint(untouched) != before_untouched or (
             num_decoder_layers(model) != n_layers
         ):
             applied.remove(check=False)
@@ -621,7 +609,7 @@ class SteeringAdapter:
             )
 
         def check_removed() -> None:
-            after = _sampled_fingerprint(model.state_dict(keep_vars=True).items())
+            after = tensors_fingerprint(model.state_dict(keep_vars=True).items())
             if after != before_all:
                 raise AdapterError(
                     f"the base model's weights differ after removing the adapter (fingerprint "

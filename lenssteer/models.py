@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ __all__ = [
     "num_decoder_layers",
     "resolve_dtype",
     "resolve_layers",
+    "tensors_fingerprint",
     "weights_fingerprint",
 ]
 
@@ -365,8 +367,15 @@ def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 256) -> str:
     Reads a few hundred values per tensor, so it costs milliseconds, yet any re-initialised or
     different checkpoint changes it.
     """
+    return tensors_fingerprint(model.state_dict().items(), samples_per_tensor)
+
+
+def tensors_fingerprint(
+    named: Iterable[tuple[str, torch.Tensor]], samples_per_tensor: int = 256
+) -> str:
+    """:func:`weights_fingerprint` of any ``(name, tensor)`` pairs (e.g. a part of a model)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(named, key=lambda item: item[0]):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::step][:samples_per_tensor].to(torch.float32).cpu()
