@@ -121,6 +121,33 @@ def setup(qwen, tokenizer):
 
 @pytest.mark.parametrize("share_prefix", [True, False])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
+def assert_fast_equals_plain(module, batch, params) -> None:
+    """The fast path's losses and gradients equal the plain full forward's."""
+    results = {}
+    for fast in (True, False):
+        module.fast = fast
+        module.zero_grad()
+        for p in params.values():
+            p.grad = None
+        out = module(**batch)
+        out["loss"].backward()
+        results[fast] = (
+            {k: v.detach() for k, v in out.items()},
+            {n: p.grad.clone() for n, p in params.items()},
+        )
+    (fast_losses, fast_grads), (plain_losses, plain_grads) = results[True], results[False]
+    assert set(fast_losses) == {"loss", "pull", "push", "retain"}
+    for key in fast_losses:
+        torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-4, atol=1e-9)
+    assert set(fast_grads) == set(plain_grads) and fast_grads
+    for name in fast_grads:
+        assert fast_grads[name].abs().sum() > 0, name
+        scale = plain_grads[name].abs().max().item()
+        torch.testing.assert_close(
+            fast_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4 * scale
+        )
+
+
 def test_frozen_states_equal_what_probing_extracts(qwen, tokenizer, share_prefix, pooling):
     """Lens fault: probing and training read different positions/templates. Here they are one."""
     corpus = tiny_corpus(5)
@@ -216,29 +243,7 @@ def test_fast_and_plain_losses_and_gradients_match(arch, kind, tokenizer):
             config.objective(),
             agnostic=subspace.agnostic,
         )
-        results = {}
-        for fast in (True, False):
-            module.fast = fast
-            module.zero_grad()
-            for p in params.values():
-                p.grad = None
-            out = module(**batch)
-            out["loss"].backward()
-            results[fast] = (
-                {k: v.detach() for k, v in out.items()},
-                {n: p.grad.clone() for n, p in params.items()},
-            )
-    (fast_losses, fast_grads), (plain_losses, plain_grads) = results[True], results[False]
-    assert set(fast_losses) == {"loss", "pull", "push", "retain"}
-    for key in fast_losses:
-        torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-4, atol=1e-9)
-    assert set(fast_grads) == set(plain_grads) and fast_grads
-    for name in fast_grads:
-        assert fast_grads[name].abs().sum() > 0, name
-        scale = plain_grads[name].abs().max().item()
-        torch.testing.assert_close(
-            fast_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4 * scale
-        )
+        assert_fast_equals_plain(module, batch, params)
 
 
 def test_only_the_top_layers_get_gradients(setup, tokenizer):
@@ -796,28 +801,7 @@ def test_final_norm_fast_and_plain_losses_and_gradients_match(arch, kind, tokeni
             agnostic=subspace.agnostic,
             representation="final_norm",
         )
-        results = {}
-        for fast in (True, False):
-            module.fast = fast
-            for p in params.values():
-                p.grad = None
-            out = module(**batch)
-            out["loss"].backward()
-            results[fast] = (
-                {k: v.detach() for k, v in out.items()},
-                {n: p.grad.clone() for n, p in params.items()},
-            )
-    (fast_losses, fast_grads), (plain_losses, plain_grads) = results[True], results[False]
-    assert set(fast_losses) == {"loss", "pull", "push", "retain"}
-    for key in fast_losses:
-        torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-4, atol=1e-9)
-    assert set(fast_grads) == set(plain_grads) and fast_grads
-    for name in fast_grads:
-        assert fast_grads[name].abs().sum() > 0, name
-        scale = plain_grads[name].abs().max().item()
-        torch.testing.assert_close(
-            fast_grads[name], plain_grads[name], rtol=1e-3, atol=1e-4 * scale
-        )
+        assert_fast_equals_plain(module, batch, params)
 
 
 def test_final_norm_training_records_its_representation(qwen, tokenizer, tmp_path):
