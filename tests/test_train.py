@@ -119,8 +119,6 @@ def setup(qwen, tokenizer):
 # The representation and the fast path
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-@pytest.mark.parametrize("pooling", ["last", "mean"])
 def assert_fast_equals_plain(module, batch, params) -> None:
     """The fast path's losses and gradients equal the plain full forward's."""
     results = {}
@@ -148,6 +146,8 @@ def assert_fast_equals_plain(module, batch, params) -> None:
         )
 
 
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_frozen_states_equal_what_probing_extracts(qwen, tokenizer, share_prefix, pooling):
     """Lens fault: probing and training read different positions/templates. Here they are one."""
     corpus = tiny_corpus(5)
