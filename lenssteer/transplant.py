@@ -1105,14 +1105,14 @@ def plot_accuracy_heatmap(
 
 
 def _task_prompts(tokenizer, items, chat_template):
-    from lenssteer.tasks import format_multiple_choice
+    from lenssteer.mmlu import format_multiple_choice
 
     formatted = [format_multiple_choice(tokenizer, item, chat_template) for item in items]
     return [f.text for f in formatted], [f.continuations for f in formatted]
 
 
 def _aligned_items(task: str, donor_language: str, recipient_languages: Sequence[str], limit, seed):
-    from lenssteer.tasks import align_items, load_task, sample_items
+    from lenssteer.mmlu import align_items, load_task, sample_items
 
     lists = align_items(
         load_task(task, donor_language), *(load_task(task, lang) for lang in recipient_languages)

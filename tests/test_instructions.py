@@ -20,8 +20,8 @@ from lenssteer.instructions import (
     mmlu_scored_ids,
     mmlu_training_ids,
 )
+from lenssteer.mmlu import load_mmlu_translated
 from lenssteer.sampling import OverlapError
-from lenssteer.tasks import load_mmlu_translated
 
 TRAINED = ["en", "de", "es", "fr", "it"]
 

