@@ -38,17 +38,16 @@ from torch import nn
 
 from lenssteer.evaluate import (
     LowerLayerReplay,
-    Outcomes,
     ScoringRequest,
     detect_language,
     generate_greedy,
     loglikelihoods,
-    package_versions,
     strip_copied,
-    write_report,
 )
 from lenssteer.models import DEFAULT_MODEL, find_decoder_layers, model_identity, resolve_layers
+from lenssteer.report import package_versions, write_report
 from lenssteer.sampling import OverlapError, check_disjoint, sample_ids
+from lenssteer.stats import Outcomes
 from lenssteer.task_registry import (
     GenerationTask,
     MultipleChoiceTask,
@@ -1278,7 +1277,7 @@ def run_comparison(
     }
     task_notes = {task.name: _task_note(task, systems) for task, _ in tasks}
     if not write:
-        from lenssteer.evaluate import summarize
+        from lenssteer.stats import summarize
 
         return {
             "metadata": metadata,

@@ -48,7 +48,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lenssteer.evaluate import wilson_interval  # the one copy (re-exported for callers)
 from lenssteer.forward import cache_in_call, cache_keyword, cache_of_output
 from lenssteer.hooks import (
     hooked,
@@ -71,6 +70,7 @@ from lenssteer.models import (
     find_layer_modules,
     resolve_layers,
 )
+from lenssteer.stats import wilson_interval  # the one copy (re-exported for callers)
 
 __all__ = [
     "GRANULARITIES",

@@ -10,20 +10,21 @@ import torch
 from conftest import make_tiny_model
 
 from lenssteer.evaluate import (
-    Outcomes,
     ScoringRequest,
-    bootstrap_mean_interval,
     detect_language,
     encode_requests,
     generate_greedy,
     loglikelihoods,
-    markdown_tables,
+)
+from lenssteer.report import markdown_tables, write_report
+from lenssteer.stats import (
+    Outcomes,
+    bootstrap_mean_interval,
     minimum_detectable_effect,
     paired_bootstrap_difference,
     stratified_bootstrap_mean,
     summarize,
     wilson_interval,
-    write_report,
 )
 
 REQUESTS = [
