@@ -221,12 +221,8 @@ def xtransplant_rows(model, tokenizer, items: int = 3, pairs_per_item: int = 2) 
     from nnsight import LanguageModel
 
     from lenssteer.mmlu import align_items, format_multiple_choice, load_task, sample_items
-    from lenssteer.transplant import (
-        grid_pairs,
-        record_donor_activations,
-        transplant_grid,
-        transplant_loglikelihoods,
-    )
+    from lenssteer.transplant import record_donor_activations, transplant_loglikelihoods
+    from lenssteer.transplant_pairs import grid_pairs, transplant_grid
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -19,12 +19,8 @@ import torch
 
 from lenssteer.mmlu import align_items, format_multiple_choice, load_task, sample_items
 from lenssteer.models import DEFAULT_MODEL, load_model, num_decoder_layers
-from lenssteer.transplant import (
-    grid_pairs,
-    record_donor_activations,
-    transplant_grid,
-    transplant_loglikelihoods,
-)
+from lenssteer.transplant import record_donor_activations, transplant_loglikelihoods
+from lenssteer.transplant_pairs import grid_pairs, transplant_grid
 
 
 def measure_pairs(

@@ -28,7 +28,7 @@ _EXPORTS = {
     "TrainConfig": "lenssteer.train",
     "SteeringAdapter": "lenssteer.adapter",
     "transplanted": "lenssteer.transplant",
-    "transplant_grid": "lenssteer.transplant",
+    "transplant_grid": "lenssteer.transplant_pairs",
     "run_comparison": "lenssteer.compare",
 }
 

@@ -282,7 +282,7 @@ def _add_transplant(subparsers) -> None:
 
 
 def _run_transplant(args: argparse.Namespace) -> int:
-    from lenssteer.transplant import run_transplant
+    from lenssteer.transplant_pairs import run_transplant
 
     result = run_transplant(
         args.model,
@@ -371,7 +371,7 @@ def _transplant_grid_command(args: argparse.Namespace) -> str:
 
 
 def _run_transplant_grid(args: argparse.Namespace) -> int:
-    from lenssteer.transplant import format_grid_summary, run_transplant_grid
+    from lenssteer.transplant_pairs import format_grid_summary, run_transplant_grid
 
     result = run_transplant_grid(
         args.model,

@@ -530,7 +530,7 @@ def _prepare_system(system: SystemConfig) -> _PreparedSystem:
         description.update(granularity=system.granularity, direction="central -> target")
         prepared = _PreparedSystem(system, description)
         if system.pairs_file:
-            from lenssteer.transplant import load_selected_pairs
+            from lenssteer.transplant_pairs import load_selected_pairs
 
             data = load_selected_pairs(system.pairs_file)
             for language, value in data.items():
@@ -601,12 +601,8 @@ def _select_pairs_on_dev(
 
     Returns the pairs and the dev item ids. Ties: :func:`lenssteer.transplant.select_pair`.
     """
-    from lenssteer.transplant import (
-        grid_pairs,
-        record_donor_activations,
-        select_pair,
-        transplant_grid,
-    )
+    from lenssteer.transplant import record_donor_activations
+    from lenssteer.transplant_pairs import grid_pairs, select_pair, transplant_grid
 
     task = get_task(system.select_task)
     if not isinstance(task, MultipleChoiceTask):

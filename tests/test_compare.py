@@ -417,7 +417,7 @@ def test_cli_adapter_flag_replaces_the_configs_adapter(setup, tokenizer, tmp_pat
 
 
 def test_xtransplant_pairs_from_file_and_from_dev_selection(setup, tokenizer, tmp_path):
-    from lenssteer.transplant import save_selected_pairs
+    from lenssteer.transplant_pairs import save_selected_pairs
 
     root, model = setup
     pairs = tmp_path / "selected_pairs.json"
@@ -502,7 +502,7 @@ def test_lora_adapter_unit_by_unit(setup, tokenizer, tmp_path):
 def test_pairs_chosen_on_scored_items_are_refused(setup, tokenizer, tmp_path):
     from lenssteer.sampling import OverlapError
     from lenssteer.task_registry import get_task
-    from lenssteer.transplant import save_selected_pairs
+    from lenssteer.transplant_pairs import save_selected_pairs
 
     root, model = setup
     scored = get_task("mmlu-translated").items(["en", "de"], 2, 0)["en"]

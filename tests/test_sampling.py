@@ -46,7 +46,7 @@ def test_every_sampler_follows_the_one_rule():
     from lenssteer.data import ParallelCorpus
     from lenssteer.mmlu import MultipleChoiceItem, sample_items
     from lenssteer.task_registry import deterministic_sample
-    from lenssteer.transplant import dev_heldout_split
+    from lenssteer.transplant_pairs import dev_heldout_split
 
     assert deterministic_sample(IDS, 8, "mmlu-translated", 4) == set(
         sample_ids(IDS, 8, 4, "mmlu-translated")

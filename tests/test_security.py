@@ -464,7 +464,7 @@ def test_a_failed_write_leaves_the_old_result_folder_whole(tmp_path):
 def test_a_grid_run_that_fails_leaves_the_previous_grid_whole(
     tiny_folder, tmp_path, capsys, monkeypatch
 ):
-    import lenssteer.transplant as transplant
+    import lenssteer.transplant_pairs as transplant
 
     out = tmp_path / "grid"
     argv = ["transplant-grid", "--model", tiny_folder, "--mode", "explicit", "--sources", "0"]

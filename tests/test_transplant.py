@@ -19,25 +19,27 @@ from safetensors.torch import load_file
 from lenssteer.forward import cache_keyword, cache_of_output, hidden_states_of_call
 from lenssteer.hooks import hooked, last_real_positions, position_ids_from_mask
 from lenssteer.models import ModuleDiscoveryError, ModuleNames, find_layer_modules
+from lenssteer.stats import wilson_interval
 from lenssteer.transplant import (
+    encode_prompts,
+    generate_transplanted,
+    record_donor_activations,
+    record_module_outputs,
+    transplant_generate,
+    transplant_loglikelihoods,
+    transplanted,
+)
+from lenssteer.transplant_pairs import (
     GridScores,
     accuracy,
     dev_heldout_split,
-    encode_prompts,
-    generate_transplanted,
     grid_pairs,
     load_selected_pairs,
     plot_accuracy_heatmap,
-    record_donor_activations,
-    record_module_outputs,
     save_selected_pairs,
     select_pair,
     summarize_grid,
-    transplant_generate,
     transplant_grid,
-    transplant_loglikelihoods,
-    transplanted,
-    wilson_interval,
 )
 
 ARCHS = ["llama", "qwen2", "gemma3", "mistral"]
