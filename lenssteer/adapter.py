@@ -261,6 +261,7 @@ class AdapterConfig:
     data_hash: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     training_items: list[str] = field(default_factory=list)  # corpus ids: never to be scored
+    selection_items: list[str] = field(default_factory=list)  # dev ids settings were chosen on
     weights_sha256: str | None = None
     format_version: int = FORMAT_VERSION
     lenssteer_version: str = __version__
@@ -308,6 +309,7 @@ class AdapterConfig:
             ("representation", isinstance(self.representation, dict), "an object"),
             ("subspace", isinstance(self.subspace, dict), "an object"),
             ("training_items", _str_list(self.training_items), "a list of item ids"),
+            ("selection_items", _str_list(self.selection_items), "a list of item ids"),
             ("metrics", isinstance(self.metrics, dict), "an object"),
             ("data_hash", self.data_hash is None or isinstance(self.data_hash, str), "a string"),
             (

@@ -65,6 +65,7 @@ __all__ = [
     "TaskConfig",
     "load_config",
     "run_comparison",
+    "scored_item_ids",
 ]
 
 SYSTEM_KINDS = ("base", "lens", "xtransplant", "baseline", "language-shift")
@@ -166,6 +167,7 @@ class CompareConfig:
     reference_system: str = "base"
     bootstrap_resamples: int = 2000
     threads: int | None = None
+    exclude_items: list[str] = field(default_factory=list)  # ids no system is scored on
 
     def validate(self) -> None:
         if not isinstance(self.languages, list) or not all(
@@ -201,6 +203,12 @@ class CompareConfig:
             raise CompareConfigError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
         if self.batch_size < 1:
             raise CompareConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.exclude_items, list) or not all(
+            isinstance(item_id, str) for item_id in self.exclude_items
+        ):
+            raise CompareConfigError(
+                f"exclude_items must be a list of item ids, got {self.exclude_items!r}"[:200]
+            )
         for task in self.tasks:
             if task.limit is not None and task.limit < 1:
                 raise CompareConfigError(f"task {task.name!r}: limit must be >= 1")
@@ -669,15 +677,23 @@ def _core_id(item_id: str) -> str:
     return item_id
 
 
-def _drop_training_items(tasks, data, systems: Sequence[_PreparedSystem]) -> None:
-    """Remove from every task, for every system alike, the items a Lens adapter was trained on
-    (recorded in its config): no system is scored on an adapter's training items. What was dropped
-    is recorded in the adapter system's description."""
+def _drop_unscorable_items(tasks, data, systems: Sequence[_PreparedSystem], config) -> None:
+    """Remove from every task, for every system alike, the items no system may be scored on: those
+    a Lens adapter was trained on or had its settings chosen on (``training_items`` and
+    ``selection_items`` in its config) and the config's ``exclude_items``. What was dropped is
+    recorded in the adapter system's description (and for ``exclude_items``, in every system's)."""
+    groups: list[tuple[dict[str, Any] | None, str, list[str]]] = [
+        (None, "excluded_items", list(config.exclude_items))
+    ]
     for prepared in systems:
-        trained = prepared.adapter.config.training_items if prepared.adapter is not None else []
-        if not trained:
+        if prepared.adapter is not None:
+            adapter = prepared.adapter.config
+            groups.append((prepared.description, "training_items", adapter.training_items))
+            groups.append((prepared.description, "selection_items", adapter.selection_items))
+    for description, key, item_ids in groups:
+        if not item_ids:
             continue
-        excluded = {_core_id(item_id) for item_id in trained}
+        excluded = {_core_id(item_id) for item_id in item_ids}
         dropped: dict[str, int] = {}
         for task, _ in tasks:
             rows = data[task.name]
@@ -686,18 +702,28 @@ def _drop_training_items(tasks, data, systems: Sequence[_PreparedSystem]) -> Non
                     lang: [i for i in items if _core_id(i.id) not in excluded]
                     for lang, items in rows.items()
                 }
-                count = sum(len(v) for v in rows.values()) - sum(len(v) for v in kept.values())
             else:  # {language: [(id, text)]}
                 kept = {
                     lang: [(i, text) for i, text in pairs if _core_id(i) not in excluded]
                     for lang, pairs in rows.items()
                 }
-                count = sum(len(v) for v in rows.values()) - sum(len(v) for v in kept.values())
+            count = sum(len(v) for v in rows.values()) - sum(len(v) for v in kept.values())
             if count:
                 data[task.name] = kept
                 dropped[task.name] = count // max(len(rows), 1)
-        prepared.description["training_items"] = len(trained)
-        prepared.description["training_items_not_scored"] = dropped
+        targets = [description] if description is not None else [p.description for p in systems]
+        for target in targets:
+            target[key] = len(item_ids)
+            target[f"{key}_not_scored"] = dropped
+
+
+def scored_item_ids(config: CompareConfig) -> dict[str, set[str]]:
+    """``{task name: ids}`` a comparison run with ``config`` would score, before any adapter's
+    items are dropped (no model is loaded): what a tuning run must keep its dev items away from."""
+    config.validate()
+    tasks = [(_build_task(t), t) for t in config.tasks]
+    data = {task.name: _prepare_task_data(task, config, _limit(tc, config)) for task, tc in tasks}
+    return _scored_ids(tasks, data, config)
 
 
 def _resolve_language_shift(
@@ -1172,7 +1198,7 @@ def run_comparison(
         if prepared.baseline is not None:
             prepared.baseline.check(model)
     data = {task.name: _prepare_task_data(task, config, _limit(tc, config)) for task, tc in tasks}
-    _drop_training_items(tasks, data, systems)
+    _drop_unscorable_items(tasks, data, systems, config)
     scored = _scored_ids(tasks, data, config)
     for prepared in systems:
         if prepared.config.kind == "xtransplant":

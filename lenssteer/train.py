@@ -1169,6 +1169,38 @@ def trainable_top_layers(
         model.train(was_training)
 
 
+def training_data(
+    model: nn.Module,
+    tokenizer,
+    subspace,
+    corpus,
+    config: TrainConfig,
+    progress: bool = True,
+    module_names: ModuleNames | None = None,
+) -> TrainingData:
+    """The frozen pass :func:`train_lens` makes for ``config`` (its layers, pooling, template and
+    representation read from ``subspace``), to share between runs that differ only in the loss's
+    weights or the optimizer's settings (pass it as ``data=``)."""
+    trained, loss_layers = resolve_training_layers(
+        model, config.n_layers, subspace.layers, config.loss_layers, module_names
+    )
+    return prepare_training_data(
+        model,
+        tokenizer,
+        corpus,
+        trained[0],
+        loss_layers,
+        pooling=subspace.metadata.get("pooling", "last"),
+        chat_template=_chat_template_from_signature(tokenizer, subspace.metadata.get("template")),
+        share_prefix=config.share_prefix,
+        batch_size=config.precompute_batch_size,
+        progress=progress,
+        module_names=module_names,
+        representation=config.representation,
+        max_tokens=config.max_tokens,
+    )
+
+
 def train_lens(
     model: nn.Module,
     tokenizer,
@@ -1227,21 +1259,7 @@ def train_lens(
     base = base_model_description(model)
 
     if data is None:
-        data = prepare_training_data(
-            model,
-            tokenizer,
-            corpus,
-            trained[0],
-            loss_layers,
-            pooling=pooling,
-            chat_template=chat_template,
-            share_prefix=config.share_prefix,
-            batch_size=config.precompute_batch_size,
-            progress=progress,
-            module_names=module_names,
-            representation=config.representation,
-            max_tokens=config.max_tokens,
-        )
+        data = training_data(model, tokenizer, subspace, corpus, config, progress, module_names)
     else:
         if (data.first_layer, data.languages) != (trained[0], languages):
             raise TrainingError("the precomputed data were made for other layers or languages")

@@ -1,15 +1,28 @@
-"""Sweep Lens hyper-parameters on the quickstart's split, one frozen pass for all of them.
+"""Choose Lens settings on downstream dev items, never on the items the final comparison scores.
 
-Precomputes the training and held-out data of the quickstart (same verses, same seed) once, probes
-the subspace from the training states (as the quickstart does), then for every configuration
-trains an adapter on the fast path and prints one JSON line with the held-out report (and the same
-report on the training items, to tell under-fitting from over-fitting). For example:
+For every configuration (overrides of a training preset, e.g. ``{"push_weight": 1}``), train an
+adapter on the corpus (the frozen pass is computed once per set of layers and shared), then score
+the base model and every adapter in one comparison run on *dev* items of the comparison's tasks:
+the dev config's items (another seed) minus every item the final comparison (``--scored-config``)
+scores and, per adapter, its training items. The geometric report of training is a diagnostic;
+the choice is made on what a user sees:
 
-    .venv/bin/python recipes/tune_lens.py --configs '[{}, {"alpha": 0.3, "num_epochs": 2}]'
+* **gain**: the target languages' average fidelity difference to the base model (answers in the
+  prompt's language), averaged over the dev config's fidelity tasks;
+* **constraints**: the target languages' held-out text log-likelihood per byte may not fall by
+  more than ``--max-likelihood-drop`` nats per byte, and English fidelity may not fall by more than
+  ``--max-english-drop`` points nor English likelihood by more than ``--max-likelihood-drop``.
 
-Each configuration overrides fields of the *current* ``QUICKSTART_CONFIG``
-(lenssteer.train.TrainConfig), so ``{}`` is the shipped setting; the rows of the table in
-docs/training.md ("Tuning") give their settings in full.
+The best configuration meeting the constraints is chosen; ``--ship DIR`` copies its adapter to DIR
+with the dev item ids recorded as ``selection_items`` (``lenssteer compare`` never scores them).
+Everything lands in ``--out``: ``configs/<k>/adapter``, ``dev/report.{json,md}`` and ``tune.json``
+(one row per configuration and the choice). Interrupted runs continue: adapters already trained
+with the same settings are reused. For example (the recipe in recipes/lens_smollm2.sh)::
+
+    .venv/bin/python recipes/tune_lens.py --model smollm2-135m-instruct \\
+        --subspace runs/lens-smollm2/subspace --corpus instructions --limit 300 \\
+        --dev-config recipes/tune_lens_smollm2.toml --scored-config recipes/compare_lens_smollm2.toml \\
+        --configs '[{}, {"push_weight": 1}, {"n_layers": 4}]' --out runs/tune-smollm2
 """
 
 from __future__ import annotations
@@ -17,95 +30,250 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 from lenssteer.threads import prefer_passive_waiting
 
 prefer_passive_waiting()  # OMP_WAIT_POLICY=PASSIVE unless set, before torch loads
 
 ROOT = Path(__file__).resolve().parent.parent
+FIDELITY = "fidelity"
+LIKELIHOOD = "loglik_per_byte"
+SUBSPACE_KEY = "subspace"  # a configuration may name its own subspace folder (another probe)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--configs", required=True, help="JSON list of TrainConfig overrides")
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--languages", default="en,de,es,fr,it", help="central first")
-    parser.add_argument("--train-items", type=int, default=200)
-    parser.add_argument("--heldout-items", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "tune"), help="data cache + results")
+    parser.add_argument(
+        "--configs",
+        required=True,
+        help="JSON list of training overrides (TrainConfig fields; 'subspace' names another "
+        "subspace folder); {} is the preset itself",
+    )
+    parser.add_argument("--preset", choices=["scale-free", "quickstart"], default="scale-free")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--subspace", required=True, help="subspace folder (lenssteer probe)")
+    parser.add_argument("--corpus", default="instructions", help="training corpus (as in train)")
+    parser.add_argument("--languages", default=None, help="default: the subspace's languages")
+    parser.add_argument("--central", default="en")
+    parser.add_argument("--limit", type=int, default=300, help="training items (as in train)")
+    parser.add_argument("--seed", type=int, default=0, help="training corpus sampling seed")
+    parser.add_argument("--dev-config", required=True, help="compare TOML of the dev tasks")
+    parser.add_argument(
+        "--scored-config", required=True, help="compare TOML of the final comparison (kept apart)"
+    )
+    parser.add_argument("--max-likelihood-drop", type=float, default=0.005, help="nats per byte")
+    parser.add_argument("--max-english-drop", type=float, default=2.0, help="fidelity points")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "tune"))
+    parser.add_argument("--ship", default=None, help="copy the chosen adapter here")
+    parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
+
+
+def dev_rows(document: dict[str, Any], systems: list[str], central: str) -> list[dict[str, Any]]:
+    """One row per system: the target average difference to base of every task's primary metric
+    (fidelity x100, likelihood in nats per byte), and the central language's."""
+    rows = []
+    for name in systems:
+        row: dict[str, Any] = {"system": name, "targets": {}, "central": {}}
+        for task, metrics in document["summary"].items():
+            metric = document["primary_metrics"][task]
+            cells = metrics[metric][name]
+            scale = 100.0 if metric == FIDELITY else 1.0
+            for where, key in (("targets", "targets"), ("central", central)):
+                cell = cells[key]
+                row[where][task] = {
+                    "metric": metric,
+                    "diff": scale * cell["diff"],
+                    "low": scale * cell["diff_low"],
+                    "high": scale * cell["diff_high"],
+                    "n": cell["n"],
+                }
+        rows.append(row)
+    return rows
+
+
+def judge(row: dict[str, Any], max_likelihood_drop: float, max_english_drop: float) -> None:
+    """Add the gain (mean target fidelity difference) and the constraints a row breaks."""
+    fidelity = [c["diff"] for c in row["targets"].values() if c["metric"] == FIDELITY]
+    row["gain"] = sum(fidelity) / len(fidelity) if fidelity else float("nan")
+    broken = []
+    for where, cells in (("targets", row["targets"]), ("central", row["central"])):
+        for task, cell in cells.items():
+            if cell["metric"] == LIKELIHOOD and cell["diff"] < -max_likelihood_drop:
+                broken.append(f"{where} {task} {cell['diff']:+.4f} nats/byte")
+            if (
+                where == "central"
+                and cell["metric"] == FIDELITY
+                and cell["diff"] < -max_english_drop
+            ):
+                broken.append(f"central {task} {cell['diff']:+.1f} points")
+    row["broken"] = broken
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row with the largest positive gain among those that break no constraint."""
+    allowed = [r for r in rows if not r["broken"] and r["gain"] > 0]
+    return max(allowed, key=lambda r: r["gain"]) if allowed else None
+
+
+def format_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
+    tasks = list(rows[0]["targets"]) if rows else []
+    lines = ["system | gain | " + " | ".join(f"{t} (targets; en)" for t in tasks) + " | broken"]
+    for row in rows:
+        cells = []
+        for task in tasks:
+            t, c = row["targets"][task], row["central"][task]
+            digits = 1 if t["metric"] == FIDELITY else 4
+            cells.append(
+                f"{t['diff']:+.{digits}f} [{t['low']:+.{digits}f}, {t['high']:+.{digits}f}]; "
+                f"{c['diff']:+.{digits}f}"
+            )
+        mark = " <- chosen" if row is chosen else ""
+        lines.append(
+            f"{row['system']} | {row['gain']:+.1f} | "
+            + " | ".join(cells)
+            + f" | {'; '.join(row['broken']) or '-'}{mark}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lenssteer.models import load_model, num_decoder_layers
+    from lenssteer.adapter import SteeringAdapter
+    from lenssteer.compare import (
+        SystemConfig,
+        load_config,
+        run_comparison,
+        scored_item_ids,
+    )
+    from lenssteer.data import load_corpus
+    from lenssteer.models import load_model
+    from lenssteer.subspace import Subspace
     from lenssteer.train import (
         QUICKSTART_CONFIG,
-        TrainingData,
+        SCALE_FREE_CONFIG,
         TrainingError,
-        heldout_report,
-        prepare_training_data,
-        probe_from_data,
-        quickstart_corpora,
+        resolve_training_layers,
         train_lens,
+        training_data,
     )
 
+    preset = {"scale-free": SCALE_FREE_CONFIG, "quickstart": QUICKSTART_CONFIG}[args.preset]
     try:
         overrides_list = json.loads(args.configs)
-        configs = [dataclasses.replace(QUICKSTART_CONFIG, **o) for o in overrides_list]
-    except (json.JSONDecodeError, TypeError, TrainingError) as error:
+        subspaces = [o.pop(SUBSPACE_KEY, args.subspace) for o in overrides_list]
+        configs = [dataclasses.replace(preset, **o) for o in overrides_list]
+    except (json.JSONDecodeError, TypeError, AttributeError, TrainingError) as error:
         print(f"error: --configs: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    languages = [code.strip() for code in args.languages.split(",") if code.strip()]
-    train, heldout = quickstart_corpora(
-        languages, args.train_items, args.heldout_items, seed=args.seed
-    )
-    parts = {"train": train, "heldout": heldout}
-    tokenizer, model = load_model(args.model)
-    total = num_decoder_layers(model)
-    layers = list(range(total - QUICKSTART_CONFIG.n_layers, total))  # trained = loss layers
-    data = {}
-    for name in ("train", "heldout"):
-        path = out / f"{name}-{parts[name].data_hash()[:12]}.safetensors"
-        if path.exists():
-            data[name] = TrainingData.load(path)
-        else:
-            data[name] = prepare_training_data(
-                model, tokenizer, parts[name], layers[0], layers, pooling="last", chat_template=True
-            )
-            data[name].save(path)
-    subspace = probe_from_data(model, tokenizer, parts["train"], data["train"])
-    for overrides, config in zip(overrides_list, configs, strict=True):
-        loss_layers = config.loss_layers or layers
-        subset = {name: data[name].with_loss_layers(loss_layers) for name in parts}
-        started = time.perf_counter()
-        adapter = train_lens(
-            model,
-            tokenizer,
-            subspace,
-            parts["train"],
-            out / "adapter",
-            config,
-            data=subset["train"],
+    dev = load_config(args.dev_config)
+    final = load_config(args.scored_config)
+    if (dev.model, dev.languages) != (final.model, final.languages) or dev.model != args.model:
+        print(
+            "error: --model, the dev and the scored configs must name one model and languages",
+            file=sys.stderr,
         )
-        seconds = time.perf_counter() - started
-        reports = {
-            name: heldout_report(
-                model, tokenizer, adapter, subspace, parts[name], data=subset[name]
-            )["summary"]
-            for name in ("heldout", "train")
+        return 2
+    progress = not args.no_progress
+    out = Path(args.out)
+    tokenizer, model = load_model(args.model, dev.dtype)
+    loaded_subspaces = {path: Subspace.load(path) for path in dict.fromkeys(subspaces)}
+    languages = args.languages.split(",") if args.languages else None
+
+    systems = [SystemConfig("base")]
+    frozen: dict[tuple, Any] = {}
+    for k, (overrides, config, path) in enumerate(
+        zip(overrides_list, configs, subspaces, strict=True)
+    ):
+        subspace = loaded_subspaces[path]
+        if config.representation != subspace.metadata.get("representation", "residual"):
+            config = dataclasses.replace(config, representation=subspace.metadata["representation"])
+        folder = out / "configs" / str(k)
+        settings = {
+            "overrides": overrides,
+            "subspace": str(path),
+            "corpus": [args.corpus, args.languages, args.central, args.limit, args.seed],
+            "config": dataclasses.asdict(config),
         }
-        line = {"config": overrides, "train_s": round(seconds), **reports}
-        print(json.dumps(line), flush=True)
-        with open(out / "results.jsonl", "a", encoding="utf-8") as results:
-            results.write(json.dumps(line) + "\n")
+        done = folder / "settings.json"
+        if not (done.exists() and json.loads(done.read_text()) == settings):
+            corpus = load_corpus(
+                args.corpus,
+                languages or list(subspace.languages),
+                central_language=args.central,
+                limit=args.limit,
+                seed=args.seed,
+            )
+            trained, loss_layers = resolve_training_layers(
+                model, config.n_layers, subspace.layers, config.loss_layers
+            )
+            key = (str(path), trained[0], tuple(loss_layers), corpus.data_hash(), config.max_tokens)
+            if key not in frozen:
+                frozen[key] = training_data(model, tokenizer, subspace, corpus, config, progress)
+            print(f"[{k}] training {json.dumps(overrides)} on {path}", flush=True)
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            train_lens(
+                model,
+                tokenizer,
+                subspace,
+                corpus,
+                folder / "adapter",
+                config,
+                progress=progress,
+                data=frozen[key],
+                subspace_path=path,
+            )
+            done.write_text(json.dumps(settings, indent=1))
+        systems.append(SystemConfig(f"lens-{k}", kind="lens", adapter=str(folder / "adapter")))
+
+    scored = scored_item_ids(final)
+    dev.exclude_items = sorted({i for ids in scored.values() for i in ids})
+    dev.systems = systems
+    dev.out = str(out / "dev")
+    document = run_comparison(
+        dev, progress=progress, loaded=(tokenizer, model), command=" ".join(sys.argv)
+    )
+    names = [s.name for s in systems[1:]]
+    rows = dev_rows(document, names, dev.central_language)
+    for row, overrides, path in zip(rows, overrides_list, subspaces, strict=True):
+        row["overrides"] = overrides
+        row["subspace"] = str(path)
+        judge(row, args.max_likelihood_drop, args.max_english_drop)
+    chosen = choose(rows)
+    dev_ids = sorted({i for o in document["outcomes"] for i in o["item_ids"]})
+    result = {
+        "dev_config": args.dev_config,
+        "scored_config": args.scored_config,
+        "dev_items": len(dev_ids),
+        "criterion": {
+            "gain": "mean target fidelity difference to base (points), over fidelity tasks",
+            "max_likelihood_drop": args.max_likelihood_drop,
+            "max_english_drop": args.max_english_drop,
+        },
+        "rows": rows,
+        "chosen": chosen["system"] if chosen else None,
+    }
+    (out / "tune.json").write_text(json.dumps(result, indent=1))
+    print(format_table(rows, chosen))
+    if chosen is None:
+        print("no configuration gained fidelity within the constraints; nothing chosen")
+        return 1 if args.ship else 0
+    print(f"chosen: {chosen['system']} {json.dumps(chosen['overrides'])}")
+    if args.ship:
+        adapter = SteeringAdapter.from_pretrained(
+            out / "configs" / chosen["system"].removeprefix("lens-") / "adapter"
+        )
+        adapter.config.selection_items = dev_ids
+        adapter.save_pretrained(args.ship)
+        print(f"shipped to {args.ship} ({len(dev_ids)} dev item ids recorded as selection_items)")
     return 0
 
 

@@ -18,6 +18,7 @@ from lenssteer.compare import (
     config_from_dict,
     load_config,
     run_comparison,
+    scored_item_ids,
 )
 from lenssteer.models import model_identity
 from lenssteer.subspace import compute_subspace
@@ -633,34 +634,37 @@ def test_language_shift_changes_target_language_scores(setup, tokenizer):
     assert loglikelihoods(model, tokenizer, request)[0][0] == pytest.approx(before)  # removed
 
 
-def test_an_adapters_training_items_are_never_scored(setup, tokenizer, tmp_path):
-    """Items a Lens adapter was trained on (corpus ids, e.g. ``mmlu:<id>``, ``verse:bible:<id>``)
-    are dropped from every task for every system, and the report says how many."""
+def test_an_adapters_training_and_selection_items_are_never_scored(setup, tokenizer, tmp_path):
+    """Items a Lens adapter was trained on or had its settings chosen on (corpus ids, e.g.
+    ``mmlu:<id>``, ``verse:bible:<id>``), and a config's ``exclude_items``, are dropped from every
+    task for every system, and the report says how many."""
     root, model = setup
     tasks = [TaskConfig("mmlu-translated", limit=4), TaskConfig("bible-retrieval", limit=4)]
 
-    def run(adapter: str, out: str) -> dict:
-        config = CompareConfig(
+    def config_for(adapter: str, out: str, **settings) -> CompareConfig:
+        return CompareConfig(
             languages=["en", "de"],
             out=str(tmp_path / out),
             bootstrap_resamples=50,
             tasks=tasks,
             systems=[SystemConfig("base"), SystemConfig("lens", kind="lens", adapter=adapter)],
+            **settings,
         )
+
+    def run(adapter: str, out: str, **settings) -> dict:
+        config = config_for(adapter, out, **settings)
         return run_comparison(config, progress=False, loaded=(tokenizer, model))
 
     def scored(document: dict, task: str) -> set[str]:
         return {
-            item_id
-            for o in document["outcomes"]
-            if o["task"] == task
-            for item_id in o["item_ids"]
+            item_id for o in document["outcomes"] if o["task"] == task for item_id in o["item_ids"]
         }
 
     before = run(str(root / "adapter"), "before")
-    mmlu_id, verse_id = sorted(scored(before, "mmlu-translated"))[0], sorted(
-        scored(before, "bible-retrieval")
-    )[0]
+    mmlu_id, verse_id = (
+        sorted(scored(before, "mmlu-translated"))[0],
+        sorted(scored(before, "bible-retrieval"))[0],
+    )
     adapter = make_layers_adapter(model, 3)
     adapter.config.training_items = [f"mmlu:{mmlu_id}", f"verse:{verse_id}", "mmlu:unrelated/0"]
     adapter.save_pretrained(tmp_path / "trained-on-some")
@@ -672,6 +676,25 @@ def test_an_adapters_training_items_are_never_scored(setup, tokenizer, tmp_path)
     lens = after["metadata"]["systems"]["lens"]
     assert lens["training_items"] == 3
     assert lens["training_items_not_scored"] == {"mmlu-translated": 1, "bible-retrieval": 1}
+
+    # scored_item_ids (no model) names what a run scores; what settings were chosen on is dropped
+    expected = scored_item_ids(config_for(str(root / "adapter"), "unused"))
+    assert expected == {
+        "mmlu-translated": scored(before, "mmlu-translated"),
+        "bible-retrieval": scored(before, "bible-retrieval"),
+    }
+    adapter.config.training_items = []
+    adapter.config.selection_items = [f"mmlu:{mmlu_id}"]
+    adapter.save_pretrained(tmp_path / "chosen-on-some")
+    chosen = run(str(tmp_path / "chosen-on-some"), "chosen", exclude_items=[verse_id])
+    assert scored(chosen, "mmlu-translated") == scored(before, "mmlu-translated") - {mmlu_id}
+    assert scored(chosen, "bible-retrieval") == scored(before, "bible-retrieval") - {verse_id}
+    systems = chosen["metadata"]["systems"]
+    assert systems["lens"]["selection_items_not_scored"] == {"mmlu-translated": 1}
+    for name in ("base", "lens"):
+        assert systems[name]["excluded_items_not_scored"] == {"bible-retrieval": 1}
+    with pytest.raises(CompareConfigError, match="exclude_items"):
+        config_for(str(root / "adapter"), "bad", exclude_items="bible:1.1.1").validate()
 
 
 def test_language_shift_at_strength_zero_reuses_the_base_rows(setup, tokenizer, tmp_path):
