@@ -108,13 +108,9 @@ class TrainStep:
         self, model, tokenizer, corpus, autocast: bool = False, lr: float = 1e-4, items: int = 2
     ) -> None:
         from lenssteer.objectives import LensObjective
-        from lenssteer.train import (
-            LensTrainingModule,
-            TrainConfig,
-            prepare_training_data,
-            probe_from_data,
-            trainable_top_layers,
-        )
+        from lenssteer.quickstart import probe_from_data
+        from lenssteer.train import LensTrainingModule, TrainConfig, trainable_top_layers
+        from lenssteer.training_data import prepare_training_data
 
         n_layers = len(find_decoder_layers(model))
         trained = [n_layers - 2, n_layers - 1]

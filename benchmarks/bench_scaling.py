@@ -4,7 +4,7 @@ Points ``(items N, languages K)``: ``(n, 2), (2n, 2), (4n, 2)`` (items double) a
 (languages double). At each point, on Bible verses in the chat template:
 
 * **extraction**: :func:`lenssteer.extract.extract_corpus` of the top 2 layers, no cache;
-* **training**: the frozen precompute (:func:`lenssteer.train.prepare_training_data`) and one epoch
+* **training**: the frozen precompute (:func:`lenssteer.training_data.prepare_training_data`) and one epoch
   of :func:`lenssteer.train.train_lens` (HF Trainer, fast path, LoRA on the top 2 layers, 2 items
   per step; the time is the Trainer's loop as train_lens records it, without its set-up), on the
   model's shipped subspace (or one probed once on 4 items, outside the timing).
@@ -51,8 +51,9 @@ def _points(base_items: int) -> list[tuple[int, int]]:
 def _subspace(model, tokenizer, languages: list[str], layers: list[int], chat: bool):
     """The shipped subspace of this model when it covers ``languages``, else one probed on 4 items."""
     from lenssteer.models import model_identity
+    from lenssteer.quickstart import probe_from_data
     from lenssteer.subspace import Subspace
-    from lenssteer.train import prepare_training_data, probe_from_data
+    from lenssteer.training_data import prepare_training_data
 
     fingerprint = model_identity(model)["fingerprint"]
     for folder in sorted(SUBSPACES.glob("*/subspace.json")):
@@ -80,7 +81,8 @@ def scaling(
     train: bool = True,
 ) -> tuple[list[Row], list[dict]]:
     """Rows (one per doubling and stage) and the table of points."""
-    from lenssteer.train import TrainConfig, prepare_training_data, train_lens
+    from lenssteer.train import TrainConfig, train_lens
+    from lenssteer.training_data import prepare_training_data
 
     points = list(points or _points(base_items))
     n_layers = num_decoder_layers(model)

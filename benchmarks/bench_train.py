@@ -83,13 +83,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace, paths: tuple[str, ...]) -> None:
         from lenssteer.models import load_model, num_decoder_layers
         from lenssteer.objectives import LensObjective
-        from lenssteer.train import (
-            LensTrainingModule,
-            TrainConfig,
-            prepare_training_data,
-            probe_from_data,
-            trainable_top_layers,
-        )
+        from lenssteer.quickstart import probe_from_data
+        from lenssteer.train import LensTrainingModule, TrainConfig, trainable_top_layers
+        from lenssteer.training_data import prepare_training_data
 
         torch.manual_seed(0)
         self.tokenizer, self.model = load_model(args.model)

@@ -38,10 +38,9 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lenssteer.forward import cache_keyword
+from lenssteer.forward import cache_keyword, pool_real_positions
 from lenssteer.hooks import (
     hooked,
-    last_real_positions,
     position_ids_from_mask,
     run_until_stopped,
     stop_after,
@@ -374,23 +373,16 @@ def pooled_states(
     decoder_layers = find_decoder_layers(model, module_names)
     check_representation(representation, layers, len(decoder_layers))
     read = representation_map(model, representation, module_names)
-    last = last_real_positions(attention_mask)
-    mask = attention_mask.unsqueeze(-1).to(torch.float32)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     pooled: dict[int, torch.Tensor] = {}
     top = max(layers)
     prefix_length = len(prefix) if prefix is not None else 0
 
     def make_hook(index: int):
         def hook(_module: nn.Module, hidden: torch.Tensor) -> None:
-            hidden = read(hidden)
-            if pooling == "last":
-                pooled[index] = hidden[rows, last].float()
-            elif prefix is not None:
-                total = (hidden.float() * mask).sum(1) + prefix.sums[index].to(hidden.device)
-                pooled[index] = total / (mask.sum(1) + prefix_length)
-            else:
-                pooled[index] = (hidden.float() * mask).sum(1) / mask.sum(1)
+            prefix_sum = prefix.sums[index] if prefix is not None and pooling == "mean" else None
+            pooled[index] = pool_real_positions(
+                read(hidden), attention_mask, pooling, prefix_sum, prefix_length
+            )
 
         return hook
 

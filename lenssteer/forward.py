@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["cache_in_call", "cache_keyword", "cache_of_output", "hidden_states_of_call"]
+__all__ = [
+    "cache_in_call",
+    "cache_keyword",
+    "cache_of_output",
+    "hidden_states_of_call",
+    "pool_real_positions",
+]
 
 
 def _cache_class() -> type:
@@ -122,3 +128,32 @@ def cache_of_output(output: Any) -> Any:
     raise TypeError(
         f"no KV cache in the model output ({type(output).__name__}); pass use_cache=True"
     )
+
+
+def pool_real_positions(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling: str,
+    prefix_sum: torch.Tensor | None = None,
+    prefix_length: int = 0,
+) -> torch.Tensor:
+    """Pool ``(N, S, H)`` states over real tokens: the last real one (``"last"``) or their mean
+    (``"mean"``). Returns ``(N, H)`` float32.
+
+    ``prefix_sum`` ``(H,)`` / ``prefix_length``: the summed states and count of tokens that sit
+    before every row in a shared cached prefix; the mean counts them too.
+    """
+    if pooling == "last":
+        from lenssteer.hooks import last_real_positions
+
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_real_positions(attention_mask)].float()
+    if pooling != "mean":
+        raise ValueError(f"unknown pooling {pooling!r}; choose last or mean")
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    total = (hidden.float() * mask).sum(1)
+    count = mask.sum(1)
+    if prefix_sum is not None:
+        total = total + prefix_sum.to(total.device)
+        count = count + prefix_length
+    return total / count

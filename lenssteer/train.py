@@ -14,7 +14,7 @@ trained layers the subspace covers (by default), averaged over layers.
 
 **The fast path.** Everything below the first trained layer is frozen, so its input (the hidden
 states of the whole sequence) and the frozen model's pooled states at the loss layers are fixed:
-:func:`prepare_training_data` computes them once per item, in one frozen pass (texts that share a
+:func:`lenssteer.training_data.prepare_training_data` computes them once per item, in one frozen pass (texts that share a
 prompt prefix, such as a chat template's system turn, share one prefix pass through a KV cache).
 Each step then runs only the trained layers, by calling the model's own decoder with the lower
 layers swapped for pass-throughs: the model builds its causal mask and rotary embeddings itself, so
@@ -34,7 +34,6 @@ interrupted run leaves an earlier adapter there intact.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -44,7 +43,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +53,13 @@ from torch import nn
 from lenssteer.adapter import SteeringAdapter, base_model_description
 from lenssteer.extract import (
     RepresentationError,
-    cap_texts,
     check_representation,
-    default_max_tokens,
-    format_texts,
     representation_map,
     template_signature,
 )
-from lenssteer.forward import cache_keyword, hidden_states_of_call
+from lenssteer.forward import cache_keyword, pool_real_positions
 from lenssteer.hooks import (
     hooked,
-    last_real_positions,
     position_ids_from_mask,
     run_until_stopped,
     stop_after,
@@ -78,26 +73,23 @@ from lenssteer.models import (
 )
 from lenssteer.objectives import LensObjective, lens_losses, loss_scales
 from lenssteer.subspace import SubspaceError
+from lenssteer.training_data import TrainingData, TrainingError, prepare_training_data
 
 __all__ = [
     "KINDS",
+    "QUICKSTART_CONFIG",
+    "SCALE_FREE_CONFIG",
     "LensTrainingModule",
     "TrainConfig",
-    "TrainingData",
     "TrainingError",
-    "heldout_report",
-    "format_report",
-    "prepare_training_data",
-    "representation_report",
+    "resolve_training_layers",
     "top_layer_states",
+    "train_adapter",
     "train_lens",
+    "training_data",
 ]
 
 KINDS = ("lora", "layers")
-
-
-class TrainingError(ValueError):
-    """Bad training input (subspace, languages, layers) or a model the fast path cannot run."""
 
 
 @dataclass
@@ -201,7 +193,7 @@ class TrainConfig:
 # Checks of the inputs
 
 
-def _chat_template_from_signature(tokenizer, signature: str | None) -> bool:
+def chat_template_of_signature(tokenizer, signature: str | None) -> bool:
     """The subspace's template signature -> whether to use the chat template (checked)."""
     if signature is None:
         raise TrainingError(
@@ -274,354 +266,6 @@ def resolve_training_layers(
             f"is {chosen[-1]} (probe layer {trained[-1]} too, or train fewer layers)"
         )
     return trained, chosen
-
-
-# --------------------------------------------------------------------------------------------------
-# Precomputed inputs
-
-
-@dataclass
-class TrainingData(torch.utils.data.Dataset):
-    """What training needs from the frozen model, for ``N`` parallel items in ``K`` languages.
-
-    Sequences are item-major (item ``i``, language ``k`` is sequence ``i * K + k``). Each sequence
-    is ``prefix_ids`` (shared by all, may be empty) followed by its own suffix tokens.
-
-    * ``prefix_ids (P,)``, ``prefix_states (P, H)``: the shared prefix and its input to the first
-      trained layer.
-    * ``token_ids (T,)``, ``suffix_states (T, H)``, ``offsets (N*K + 1,)``: suffix tokens of every
-      sequence, concatenated, and their inputs to the first trained layer.
-    * ``frozen (N, K, L, H)``: the frozen model's pooled states at the loss layers.
-    """
-
-    languages: list[str]
-    central_language: str
-    first_layer: int
-    loss_layers: list[int]
-    pooling: str
-    chat_template: bool
-    prefix_ids: torch.Tensor
-    prefix_states: torch.Tensor
-    token_ids: torch.Tensor
-    suffix_states: torch.Tensor
-    offsets: torch.Tensor
-    frozen: torch.Tensor
-    data_hash: str | None = None
-    pad_token_id: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
-    representation: str = "residual"
-
-    def __len__(self) -> int:
-        return self.frozen.shape[0]
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-    @property
-    def n_languages(self) -> int:
-        return len(self.languages)
-
-    @property
-    def central_index(self) -> int:
-        return self.languages.index(self.central_language)
-
-    _TENSORS = ("prefix_ids", "prefix_states", "token_ids", "suffix_states", "offsets", "frozen")
-
-    def save(self, path: str | Path) -> Path:
-        """Write the tensors (safetensors) and the rest (JSON header) to one file, atomically.
-
-        Reusing it skips the frozen pass, e.g. to sweep hyper-parameters.
-        """
-        from lenssteer.io import atomic_save_tensors
-
-        header = {
-            "languages": self.languages,
-            "central_language": self.central_language,
-            "first_layer": self.first_layer,
-            "loss_layers": self.loss_layers,
-            "pooling": self.pooling,
-            "chat_template": self.chat_template,
-            "data_hash": self.data_hash,
-            "pad_token_id": self.pad_token_id,
-            "metadata": self.metadata,
-            "representation": self.representation,
-        }
-        atomic_save_tensors(
-            {name: getattr(self, name) for name in self._TENSORS},
-            path,
-            metadata={"format": "lenssteer-training-data", "header": json.dumps(header)},
-        )
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainingData:
-        """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("format") != "lenssteer-training-data":
-                raise TrainingError(f"{path} is not a lenssteer training-data file")
-            tensors = {name: handle.get_tensor(name) for name in cls._TENSORS}
-        return cls(**json.loads(meta["header"]), **tensors)
-
-    def with_loss_layers(self, layers: Sequence[int]) -> TrainingData:
-        """The same data keeping the frozen states of ``layers`` only (a subset of ours)."""
-        missing = [layer for layer in layers if layer not in self.loss_layers]
-        if missing:
-            raise TrainingError(f"the precomputed data have no frozen states at layers {missing}")
-        keep = [self.loss_layers.index(layer) for layer in sorted(layers)]
-        return dataclasses.replace(self, loss_layers=sorted(layers), frozen=self.frozen[:, :, keep])
-
-    def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids ``(S,)`` and first-trained-layer inputs ``(S, H)`` of sequence ``index``."""
-        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        ids = torch.cat([self.prefix_ids, self.token_ids[start:end]])
-        states = torch.cat([self.prefix_states, self.suffix_states[start:end]])
-        return ids, states
-
-    def collate(
-        self,
-        items: Sequence[int],
-        layer_inputs: bool = True,
-        input_ids: bool = False,
-        split_prefix: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """A right-padded batch of ``B`` items (``B*K`` sequences, item-major).
-
-        Returns ``attention_mask (B*K, S)`` (whole sequences), ``frozen (B, K, L, H)``,
-        ``item_index (B,)`` and, as asked, ``input_ids (B*K, S)`` and ``layer_inputs (B*K, S, H)``.
-        With ``split_prefix`` (and a shared prefix), ``layer_inputs`` holds the suffixes only,
-        ``(B*K, S - P, H)``, with ``suffix_mask (B*K, S - P)``, and ``prefix_inputs (P, H)`` the
-        shared prefix once.
-        """
-        items = [int(i) for i in items]
-        indices = [i * self.n_languages + k for i in items for k in range(self.n_languages)]
-        prefix = len(self.prefix_ids)
-        split = split_prefix and prefix > 0
-        lengths = [int(self.offsets[i + 1] - self.offsets[i]) for i in indices]
-        suffix_width = max(lengths)
-        mask = torch.zeros(len(indices), prefix + suffix_width, dtype=torch.long)
-        for row, length in enumerate(lengths):
-            mask[row, : prefix + length] = 1
-        batch: dict[str, torch.Tensor] = {"attention_mask": mask}
-        if input_ids:
-            ids = torch.full(mask.shape, self.pad_token_id, dtype=torch.long)
-            ids[:, :prefix] = self.prefix_ids
-            for row, i in enumerate(indices):
-                ids[row, prefix : prefix + lengths[row]] = self.token_ids[
-                    self.offsets[i] : self.offsets[i + 1]
-                ]
-            batch["input_ids"] = ids
-        if layer_inputs:
-            hidden = self.suffix_states.shape[-1]
-            start = prefix if split else 0
-            states = torch.zeros(
-                len(indices), prefix + suffix_width - start, hidden, dtype=self.suffix_states.dtype
-            )
-            if not split:
-                states[:, :prefix] = self.prefix_states
-            for row, i in enumerate(indices):
-                states[row, prefix - start : prefix - start + lengths[row]] = self.suffix_states[
-                    self.offsets[i] : self.offsets[i + 1]
-                ]
-            batch["layer_inputs"] = states
-            if split:
-                batch["prefix_inputs"] = self.prefix_states
-                batch["suffix_mask"] = mask[:, prefix:].contiguous()
-        batch["frozen"] = self.frozen[torch.tensor(items)]
-        batch["item_index"] = torch.tensor(items)
-        return batch
-
-
-def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common token prefix, leaving at least one token in every sequence."""
-    shortest = min(len(s) for s in sequences)
-    first = sequences[0]
-    length = 0
-    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
-        length += 1
-    return length
-
-
-def _pool(
-    hidden: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pooling: str,
-    extra_sum: torch.Tensor | None = None,
-    extra_count: int = 0,
-) -> torch.Tensor:
-    """Pool ``(N, S, H)`` over real tokens: last real token or mean. Returns ``(N, H)`` float32.
-
-    ``extra_sum``/``extra_count`` add tokens that sit before the sequence (a cached prefix) to the
-    mean.
-    """
-    if pooling == "last":
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last_real_positions(attention_mask)].float()
-    mask = attention_mask.unsqueeze(-1).to(torch.float32)
-    total = (hidden.float() * mask).sum(1)
-    count = mask.sum(1)
-    if extra_sum is not None:
-        total = total + extra_sum
-        count = count + extra_count
-    return total / count
-
-
-@torch.no_grad()
-def prepare_training_data(
-    model: nn.Module,
-    tokenizer,
-    corpus,
-    first_layer: int,
-    loss_layers: Sequence[int],
-    pooling: str = "last",
-    chat_template: bool = False,
-    share_prefix: bool = True,
-    batch_size: int = 16,
-    progress: bool = True,
-    module_names: ModuleNames | None = None,
-    representation: str = "residual",
-    max_tokens: int | None = None,
-) -> TrainingData:
-    """One frozen pass over every text of ``corpus``: inputs of ``first_layer`` and pooled states.
-
-    ``corpus`` is a :class:`~lenssteer.data.ParallelCorpus` (languages in its order, central first).
-    Texts are formatted and tokenized exactly as :func:`lenssteer.extract.extract_states` does, so
-    ``frozen`` equals what extraction returns for the same layers, pooling, template and
-    representation point.
-    """
-    from tqdm.auto import tqdm
-    from transformers import DynamicCache
-
-    languages = list(corpus.languages)
-    n_items, n_languages = len(corpus), len(languages)
-    loss_layers = sorted(int(i) for i in loss_layers)
-    if pooling not in ("last", "mean"):
-        raise TrainingError(f"unknown pooling {pooling!r}")
-    if loss_layers[0] < first_layer:
-        raise TrainingError(f"loss layers {loss_layers} start below the first trained layer")
-    decoder_layers = find_decoder_layers(model, module_names)
-    try:
-        check_representation(representation, loss_layers, len(decoder_layers))
-    except RepresentationError as error:
-        raise TrainingError(str(error)) from None
-    read = representation_map(model, representation, module_names)
-    if max_tokens is None:
-        max_tokens = default_max_tokens(model, tokenizer, chat_template)
-    capped = {
-        language: cap_texts(tokenizer, corpus.texts[language], max_tokens, f"precompute {language}")
-        for language in languages
-    }
-    texts = [capped[language][i] for i in range(n_items) for language in languages]
-    prompts = format_texts(tokenizer, texts, chat_template)
-    encoded = tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
-    prefix_length = _common_prefix_length(encoded) if share_prefix else 0
-    device = next(model.parameters()).device
-    top = loss_layers[-1]
-    captured: dict[str, Any] = {}
-
-    def capture_input(_module, args, kwargs) -> None:
-        captured["input"] = hidden_states_of_call(_module, args, kwargs)
-
-    def make_output_hook(layer: int):
-        def hook(_module, hidden: torch.Tensor) -> None:
-            captured[layer] = read(hidden)
-
-        return hook
-
-    hooks = dict(
-        output_hooks=[(decoder_layers[i], make_output_hook(i)) for i in loss_layers]
-        + [stop_after(decoder_layers[top])],
-        input_hooks=[(decoder_layers[first_layer], capture_input)],
-    )
-
-    prefix_ids = torch.tensor(encoded[0][:prefix_length], dtype=torch.long)
-    hidden_size = base_model_description(model)["hidden_size"]
-    prefix_states = torch.zeros(0, hidden_size)
-    prefix_sums: dict[int, torch.Tensor] = {}
-    cache = None
-    was_training = model.training
-    model.eval()
-    try:
-        if prefix_length:
-            cache = DynamicCache(config=model.config)
-            with hooked(**hooks):
-                run_until_stopped(
-                    model,
-                    input_ids=prefix_ids[None].to(device),
-                    **{cache_keyword(model): cache},
-                    use_cache=True,
-                )
-            prefix_states = captured["input"][0].float().cpu()
-            prefix_sums = {i: captured[i][0].float().sum(0) for i in loss_layers}
-
-        suffixes = [ids[prefix_length:] for ids in encoded]
-        offsets = torch.zeros(len(suffixes) + 1, dtype=torch.long)
-        offsets[1:] = torch.tensor([len(s) for s in suffixes]).cumsum(0)
-        token_ids = torch.tensor([t for s in suffixes for t in s], dtype=torch.long)
-        suffix_states = torch.empty(int(offsets[-1]), hidden_size)
-        frozen = torch.empty(len(suffixes), len(loss_layers), hidden_size)
-        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-        with (
-            tqdm(total=len(order), desc="precompute", unit="text", disable=not progress) as bar,
-            hooked(**hooks),
-        ):
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                width = max(len(suffixes[i]) for i in chunk)
-                ids = torch.zeros(len(chunk), width, dtype=torch.long)
-                mask = torch.zeros(len(chunk), width, dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    ids[row, : len(suffixes[i])] = torch.tensor(suffixes[i])
-                    mask[row, : len(suffixes[i])] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                kwargs: dict[str, Any] = {"use_cache": False}
-                positions = position_ids_from_mask(mask)
-                full_mask = mask
-                if prefix_length:
-                    batch_cache = copy.deepcopy(cache)
-                    batch_cache.batch_repeat_interleave(len(chunk))
-                    ones = torch.ones(len(chunk), prefix_length, dtype=mask.dtype, device=device)
-                    full_mask = torch.cat([ones, mask], dim=1)
-                    positions = positions + prefix_length
-                    kwargs = {"use_cache": True, cache_keyword(model): batch_cache}
-                run_until_stopped(
-                    model, input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs
-                )
-                layer_input = captured["input"].float().cpu()
-                real = mask.bool().cpu()
-                for row, i in enumerate(chunk):
-                    suffix_states[offsets[i] : offsets[i + 1]] = layer_input[row][real[row]]
-                for position, layer in enumerate(loss_layers):
-                    frozen[torch.tensor(chunk), position] = _pool(
-                        captured[layer],
-                        mask,
-                        pooling,
-                        extra_sum=prefix_sums.get(layer),
-                        extra_count=prefix_length,
-                    ).cpu()
-                bar.update(len(chunk))
-    finally:
-        model.train(was_training)
-    return TrainingData(
-        languages=languages,
-        central_language=corpus.central_language,
-        first_layer=first_layer,
-        loss_layers=loss_layers,
-        pooling=pooling,
-        chat_template=chat_template,
-        prefix_ids=prefix_ids,
-        prefix_states=prefix_states,
-        token_ids=token_ids,
-        suffix_states=suffix_states,
-        offsets=offsets,
-        frozen=frozen.reshape(n_items, n_languages, len(loss_layers), hidden_size),
-        data_hash=corpus.data_hash() if hasattr(corpus, "data_hash") else None,
-        pad_token_id=int(tokenizer.pad_token_id or 0),
-        metadata={"template": template_signature(tokenizer, chat_template)},
-        representation=representation,
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -808,7 +452,7 @@ def _run_pooled(
                 use_cache=True,
             )
     pooled = [
-        _pool(outputs[i], attention_mask, pooling, prefix_sums.get(i), prefix_length)
+        pool_real_positions(outputs[i], attention_mask, pooling, prefix_sums.get(i), prefix_length)
         for i in layers
     ]
     return torch.stack(pooled, dim=1)
@@ -1191,7 +835,7 @@ def training_data(
         trained[0],
         loss_layers,
         pooling=subspace.metadata.get("pooling", "last"),
-        chat_template=_chat_template_from_signature(tokenizer, subspace.metadata.get("template")),
+        chat_template=chat_template_of_signature(tokenizer, subspace.metadata.get("template")),
         share_prefix=config.share_prefix,
         batch_size=config.precompute_batch_size,
         progress=progress,
@@ -1223,7 +867,7 @@ def train_lens(
     template decide the representation trained on). ``corpus``: the parallel training items; all
     its languages must be in the subspace. ``resume``: continue from the last checkpoint in
     ``checkpoint_dir`` (default ``<out_dir>.checkpoints``). ``data``: precomputed inputs (from
-    :func:`prepare_training_data`) to skip the frozen pass. The model is returned to its original
+    :func:`~lenssteer.training_data.prepare_training_data`) to skip the frozen pass. The model is returned to its original
     weights afterwards (apply the returned adapter to steer it).
     """
     from transformers import TrainingArguments, set_seed
@@ -1251,7 +895,7 @@ def train_lens(
             f"{config.representation!r}: train with representation={probed_at!r} "
             f"(CLI: --representation {probed_at}) or probe again at {config.representation!r}"
         )
-    chat_template = _chat_template_from_signature(tokenizer, subspace.metadata.get("template"))
+    chat_template = chat_template_of_signature(tokenizer, subspace.metadata.get("template"))
     trained, loss_layers = resolve_training_layers(
         model, config.n_layers, subspace.layers, config.loss_layers, module_names
     )
@@ -1550,213 +1194,8 @@ def _prepare_checkpoint_dir(folder: Path, signature: dict, resume: bool | str) -
 
 
 # --------------------------------------------------------------------------------------------------
-# What training did to held-out items
+# Presets
 
-
-def _top1(queries: torch.Tensor, keys: torch.Tensor) -> float:
-    queries = torch.nn.functional.normalize(queries, dim=-1)
-    keys = torch.nn.functional.normalize(keys, dim=-1)
-    return (queries @ keys.T).argmax(1).eq(torch.arange(len(queries))).double().mean().item()
-
-
-def representation_report(
-    before: torch.Tensor,
-    after: torch.Tensor,
-    subspace,
-    languages: Sequence[str],
-    layers: Sequence[int],
-    alpha: float,
-) -> dict[str, Any]:
-    """Compare pooled states of held-out items before and after steering.
-
-    ``before``, ``after``: ``(N, K, L, H)`` for ``languages`` (central included) at ``layers``.
-    Per layer and target language ``t`` (central ``c``; ``â`` = unit agnostic vector, ``B`` = specific
-    basis, ``d_t`` = direction), with means over the ``N`` parallel items:
-
-    * ``gap_along_agnostic``: mean ``|(h_t - h_c)·â|``, before and after, and its ``shrink`` =
-      1 - after / before (what ``pull_space="direction"`` trains);
-    * ``gap_outside_specific``: mean ``|(I - BᵀB)(h_t - h_c)|``, before, after and shrink (what
-      ``pull_space="complement"`` trains);
-    * ``push_ratio``: mean ``<BᵀB(h_t^after - h_t^before), d_t> / |d_t|²``, to set against ``alpha``;
-    * ``retrieval``: central -> target top-1 among the N items (cosine, centred on the subspace's
-      mean of language means), before and after; ``agnostic_retrieval``: the same on the states
-      with their specific component projected out (what the subspace diagnostics call "after").
-
-    For the central language: ``retain_mse_rel`` = mean ``|h_c^after - h_c^before|²`` divided by the
-    variance of ``h_c^before`` across items (summed over hidden units). Layer means of the gaps are
-    taken before the ratio: ``shrink = 1 - mean(after) / mean(before)``.
-    """
-    central = subspace.central_language
-    c = list(languages).index(central)
-    report: dict[str, Any] = {"alpha": alpha, "n_items": before.shape[0], "layers": {}}
-
-    def shrink(gap_before: float, gap_after: float) -> float:
-        return 1.0 - gap_after / gap_before if gap_before > 0 else 0.0
-
-    for position, layer in enumerate(layers):
-        b, a = before[:, :, position].double(), after[:, :, position].double()
-        row = subspace.layer_position(layer)
-        basis = subspace.specific_basis[row].double()
-        agnostic = subspace.agnostic[row].double()
-        unit = agnostic / agnostic.norm().clamp_min(1e-12)
-        centre = subspace.means[row].double().mean(0)
-
-        def outside(x: torch.Tensor, basis=basis) -> torch.Tensor:
-            return x - (x @ basis.T) @ basis
-
-        per_language = {}
-        for k, language in enumerate(languages):
-            if k == c:
-                continue
-            along = (
-                ((b[:, k] - b[:, c]) @ unit).abs().mean().item(),
-                ((a[:, k] - a[:, c]) @ unit).abs().mean().item(),
-            )
-            rest = (
-                outside(b[:, k] - b[:, c]).norm(dim=-1).mean().item(),
-                outside(a[:, k] - a[:, c]).norm(dim=-1).mean().item(),
-            )
-            direction = subspace.direction(language, layer).double()
-            moved = ((a[:, k] - b[:, k]) @ basis.T) @ basis
-            ratio = (moved @ direction).mean().item() / max(direction.dot(direction).item(), 1e-12)
-            per_language[language] = {
-                "gap_along_agnostic_before": along[0],
-                "gap_along_agnostic_after": along[1],
-                "shrink_along_agnostic": shrink(*along),
-                "gap_outside_specific_before": rest[0],
-                "gap_outside_specific_after": rest[1],
-                "shrink_outside_specific": shrink(*rest),
-                "push_ratio": ratio,
-                "retrieval_before": _top1(b[:, c] - centre, b[:, k] - centre),
-                "retrieval_after": _top1(a[:, c] - centre, a[:, k] - centre),
-                "agnostic_retrieval_before": _top1(outside(b[:, c]), outside(b[:, k])),
-                "agnostic_retrieval_after": _top1(outside(a[:, c]), outside(a[:, k])),
-            }
-        variance = (b[:, c] - b[:, c].mean(0)).pow(2).sum(-1).mean().item()
-        displacement = (a[:, c] - b[:, c]).pow(2).sum(-1).mean().item()
-        targets = list(per_language.values())
-
-        def mean(key: str, targets=targets) -> float:
-            return sum(t[key] for t in targets) / len(targets)
-
-        report["layers"][int(layer)] = {
-            "languages": per_language,
-            "shrink_along_agnostic": shrink(
-                mean("gap_along_agnostic_before"), mean("gap_along_agnostic_after")
-            ),
-            "shrink_outside_specific": shrink(
-                mean("gap_outside_specific_before"), mean("gap_outside_specific_after")
-            ),
-            "push_ratio": mean("push_ratio"),
-            "retrieval_before": mean("retrieval_before"),
-            "retrieval_after": mean("retrieval_after"),
-            "agnostic_retrieval_before": mean("agnostic_retrieval_before"),
-            "agnostic_retrieval_after": mean("agnostic_retrieval_after"),
-            "retain_mse_rel": displacement / variance if variance > 0 else float("nan"),
-        }
-    top = int(max(layers))
-    report["summary"] = {
-        "layer": top,
-        **{k: v for k, v in report["layers"][top].items() if k != "languages"},
-    }
-    return report
-
-
-def heldout_report(
-    model: nn.Module,
-    tokenizer,
-    adapter: SteeringAdapter,
-    subspace,
-    corpus,
-    data: TrainingData | None = None,
-    batch_size: int = 16,
-    progress: bool = True,
-    module_names: ModuleNames | None = None,
-) -> dict[str, Any]:
-    """Before/after report (:func:`representation_report`) of ``adapter`` on held-out ``corpus``.
-
-    One frozen pass gives the states before and the trained layers' inputs; the states after run the
-    trained layers alone with the adapter applied (equal to a full forward of the steered model, as
-    the tests check).
-    """
-    config = adapter.config
-    layers = list(config.loss_layers)
-    if data is None:
-        data = prepare_training_data(
-            model,
-            tokenizer,
-            corpus,
-            config.trained_layers[0],
-            layers,
-            pooling=config.representation.get("pooling", "last"),
-            chat_template=bool(config.representation.get("chat_template")),
-            batch_size=batch_size,
-            progress=progress,
-            module_names=module_names,
-            representation=config.representation.get("point", "residual"),
-        )
-    device = next(model.parameters()).device
-    after = torch.empty_like(data.frozen)
-    with adapter.apply(model), torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            items = list(range(start, min(start + batch_size, len(data))))
-            batch = data.collate(items, split_prefix=True)
-            prefix = batch.get("prefix_inputs")
-            states = top_layer_states(
-                model,
-                batch["layer_inputs"].to(device),
-                batch["suffix_mask" if prefix is not None else "attention_mask"].to(device),
-                data.first_layer,
-                layers,
-                data.pooling,
-                module_names,
-                prefix_inputs=prefix.to(device) if prefix is not None else None,
-                representation=data.representation,
-            )
-            after[items] = states.reshape(len(items), *data.frozen.shape[1:]).cpu()
-    alpha = float(config.hyperparameters.get("alpha", 1.0))
-    report = representation_report(data.frozen, after, subspace, data.languages, layers, alpha)
-    report["data_hash"] = data.data_hash
-    return report
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """A Markdown table of :func:`heldout_report`: one row per target language and layer."""
-    lines = [
-        "| layer | language | gap along agnostic dir. before -> after (shrink) | gap outside "
-        f"specific subspace (shrink) | push ratio (alpha {report['alpha']:g}) | "
-        "retrieval before -> after |",
-        "|---|---|---|---|---|---|",
-    ]
-    for layer, entry in report["layers"].items():
-        for language, r in entry["languages"].items():
-            lines.append(
-                f"| {layer} | {language} | {r['gap_along_agnostic_before']:.2f} -> "
-                f"{r['gap_along_agnostic_after']:.2f} ({100 * r['shrink_along_agnostic']:.0f}%) | "
-                f"{r['gap_outside_specific_before']:.1f} -> {r['gap_outside_specific_after']:.1f} "
-                f"({100 * r['shrink_outside_specific']:.0f}%) | {r['push_ratio']:.2f} | "
-                f"{r['retrieval_before']:.2f} -> {r['retrieval_after']:.2f} |"
-            )
-        lines.append(
-            f"| {layer} | **all** | **{100 * entry['shrink_along_agnostic']:.0f}%** | "
-            f"{100 * entry['shrink_outside_specific']:.0f}% | {entry['push_ratio']:.2f} | "
-            f"{entry['retrieval_before']:.2f} -> {entry['retrieval_after']:.2f} |"
-        )
-    s = report["summary"]
-    lines.append(
-        f"\nLayer {s['layer']}, {report['n_items']} held-out items: the gap along the agnostic "
-        f"direction shrinks {100 * s['shrink_along_agnostic']:.1f}% (outside the specific subspace: "
-        f"{100 * s['shrink_outside_specific']:.1f}%), push ratio {s['push_ratio']:.2f} (alpha "
-        f"{report['alpha']:g}), central-language retain MSE {s['retain_mse_rel']:.4f} of its "
-        f"variance, retrieval {s['retrieval_before']:.3f} -> {s['retrieval_after']:.3f} (on the "
-        f"part outside the specific subspace: {s['agnostic_retrieval_before']:.3f} -> "
-        f"{s['agnostic_retrieval_after']:.3f})."
-    )
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# The quickstart: probe + train + held-out check in one call
 
 # Tuned on the bundled Qwen2.5 model (docs/training.md, "Tuning"): the one-dimensional pull is
 # c²/H per item, about 100x smaller than a push of a whole language direction, hence its weight;
@@ -1790,141 +1229,6 @@ SCALE_FREE_CONFIG = dataclasses.replace(
     push_weight=3.0,
     retain_weight=2.0,
 )
-
-
-def probe_from_data(model: nn.Module, tokenizer, corpus, data: TrainingData, rank=None, seed=0):
-    """The language subspace at ``data.loss_layers`` from the frozen states already computed.
-
-    Same decomposition and metadata as :func:`lenssteer.probe.probe`, without a second pass.
-    """
-    from lenssteer.probe import probe_metadata
-    from lenssteer.subspace import compute_subspace
-
-    states = {language: data.frozen[:, k] for k, language in enumerate(data.languages)}
-    metadata = probe_metadata(
-        model,
-        tokenizer,
-        corpus,
-        data.pooling,
-        data.chat_template,
-        data_hash=data.data_hash,
-        representation=data.representation,
-    )
-    return compute_subspace(
-        states, data.loss_layers, data.central_language, rank=rank, seed=seed, metadata=metadata
-    )
-
-
-def quickstart_corpora(
-    languages: Sequence[str], train_items: int = 200, heldout_items: int = 100, seed: int = 0
-):
-    """The quickstart's verses: ``train_items + heldout_items`` public-domain Bible verses (seed
-    ``seed``) split into disjoint training and held-out corpora. ``languages[0]`` is central."""
-    from lenssteer.data import load_bible
-
-    corpus = load_bible(languages, central_language=languages[0])
-    sample = corpus.sample(train_items + heldout_items, seed=seed)
-    total = len(sample)
-    parts = sample.split(
-        {"train": train_items / total, "heldout": heldout_items / total}, seed=seed
-    )
-    return parts["train"], parts["heldout"]
-
-
-def run_quickstart_training(
-    model: nn.Module,
-    tokenizer,
-    train_corpus,
-    heldout_corpus,
-    out_dir: str | Path,
-    subspace=None,
-    config: TrainConfig | None = None,
-    subspace_out: str | Path | None = None,
-    pooling: str = "last",
-    chat_template: bool | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Probe (if no ``subspace`` is given), train a LoRA adapter, and check it on held-out items.
-
-    Without ``subspace``, the subspace is computed from the training items' frozen states at the
-    trained layers (the pass that prepares training), so probing costs no extra forward pass; it is
-    saved to ``subspace_out`` if given. ``heldout_corpus`` must share no item with the training
-    corpus. Returns ``{"adapter", "subspace", "report", "report_markdown", "timings"}``; the adapter
-    (with the held-out summary in its config's ``metrics``) is saved to ``out_dir``.
-    """
-    config = config or QUICKSTART_CONFIG
-    shared = set(train_corpus.ids) & set(heldout_corpus.ids)
-    if shared:
-        raise TrainingError(
-            f"{len(shared)} held-out items are also training items (e.g. {sorted(shared)[0]})"
-        )
-    timings: dict[str, float] = {}
-    if subspace is not None:
-        pooling = subspace.metadata.get("pooling", pooling)
-        use_template = _chat_template_from_signature(tokenizer, subspace.metadata.get("template"))
-        subspace_layers = subspace.layers
-    else:
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        use_template = has_template if chat_template is None else chat_template
-        n_total = len(find_decoder_layers(model))
-        subspace_layers = list(range(n_total - config.n_layers, n_total))
-        if config.representation == "final_norm":  # read at the last layer only
-            subspace_layers = [n_total - 1]
-    trained, loss_layers = resolve_training_layers(
-        model, config.n_layers, subspace_layers, config.loss_layers
-    )
-    started = time.perf_counter()
-    data = prepare_training_data(
-        model,
-        tokenizer,
-        train_corpus,
-        trained[0],
-        loss_layers,
-        pooling=pooling,
-        chat_template=use_template,
-        share_prefix=config.share_prefix,
-        batch_size=config.precompute_batch_size,
-        progress=progress,
-        representation=config.representation,
-    )
-    timings["precompute_train_s"] = time.perf_counter() - started
-    if subspace is None:
-        started = time.perf_counter()
-        subspace = probe_from_data(model, tokenizer, train_corpus, data)
-        if subspace_out is not None:
-            subspace.save(subspace_out)
-        timings["probe_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    adapter = train_lens(
-        model,
-        tokenizer,
-        subspace,
-        train_corpus,
-        out_dir,
-        config,
-        data=data,
-        progress=progress,
-        subspace_path=subspace_out,
-    )
-    timings["train_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    report = heldout_report(
-        model, tokenizer, adapter, subspace, heldout_corpus, batch_size=16, progress=progress
-    )
-    timings["heldout_check_s"] = time.perf_counter() - started
-    adapter.config.metrics["heldout"] = {
-        **report["summary"],
-        "n_items": report["n_items"],
-        "data_hash": report["data_hash"],
-    }
-    adapter.save_pretrained(out_dir)
-    return {
-        "adapter": adapter,
-        "subspace": subspace,
-        "report": report,
-        "report_markdown": format_report(report),
-        "timings": {k: round(v, 1) for k, v in timings.items()},
-    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from lenssteer.io import atomic_write_text
     from lenssteer.models import load_model
     from lenssteer.probe import format_diagnostics
-    from lenssteer.train import quickstart_corpora, run_quickstart_training
+    from lenssteer.quickstart import quickstart_corpora, run_quickstart_training
 
     started = time.perf_counter()
     out = Path(args.out)

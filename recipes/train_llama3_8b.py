@@ -68,7 +68,9 @@ def main() -> int:
 
     from lenssteer.data import load_corpus
     from lenssteer.models import load_model
-    from lenssteer.train import TrainConfig, prepare_training_data, probe_from_data, train_lens
+    from lenssteer.quickstart import probe_from_data
+    from lenssteer.train import TrainConfig, train_lens
+    from lenssteer.training_data import prepare_training_data
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

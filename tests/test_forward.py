@@ -67,3 +67,23 @@ def test_cache_and_hidden_states_of_a_call():
         hidden_states_of_call(layer, (), {"kv_store": cache})
     with pytest.raises(TypeError, match="no KV cache"):
         cache_of_output({"logits": hidden})
+
+
+def test_pooling_reads_real_positions_only():
+    """Last = the last real token under left or right padding; mean counts a shared prefix."""
+    from lenssteer.forward import pool_real_positions
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 4, 3)
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    last_right = pool_real_positions(hidden, right, "last")
+    last_left = pool_real_positions(hidden, left, "last")
+    torch.testing.assert_close(last_right, torch.stack([hidden[0, 2], hidden[1, 3]]))
+    torch.testing.assert_close(last_left, torch.stack([hidden[0, 3], hidden[1, 3]]))
+    prefix = torch.randn(5, 3)  # five prefix tokens before every row
+    mean = pool_real_positions(hidden, right, "mean", prefix.sum(0), 5)
+    torch.testing.assert_close(mean[0], torch.cat([prefix, hidden[0, :3]]).mean(0))
+    torch.testing.assert_close(mean[1], torch.cat([prefix, hidden[1]]).mean(0))
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        pool_real_positions(hidden, right, "max")

@@ -377,7 +377,7 @@ def test_a_long_row_is_cut_to_the_models_context_with_a_warning(tokenizer):
 def test_the_token_cap_is_configurable_and_applies_to_training_data(tokenizer):
     from lenssteer.data import ParallelCorpus
     from lenssteer.extract import extract_states
-    from lenssteer.train import prepare_training_data
+    from lenssteer.training_data import prepare_training_data
 
     model = make_tiny_model("qwen2", vocab_size=len(tokenizer))
     with pytest.warns(UserWarning, match=r"row 1 \(\d+ tokens\) cut to the first 4 tokens"):

@@ -18,6 +18,7 @@ from conftest import make_tiny_model
 
 from lenssteer.data import ParallelCorpus
 from lenssteer.extract import extract_corpus, extract_states, template_signature
+from lenssteer.heldout import representation_report
 from lenssteer.models import model_identity, num_decoder_layers
 from lenssteer.subspace import compute_subspace
 from lenssteer.train import (
@@ -25,13 +26,12 @@ from lenssteer.train import (
     TrainConfig,
     TrainingError,
     full_forward_states,
-    prepare_training_data,
-    representation_report,
     resolve_training_layers,
     top_layer_states,
     train_lens,
     trainable_top_layers,
 )
+from lenssteer.training_data import prepare_training_data
 
 EN = [
     "the cat sleeps",
@@ -628,7 +628,7 @@ def test_two_processes_match_one(tmp_path):
 
 def _quickstart_run(tmp_path, languages, n_train, n_heldout):
     from lenssteer.models import load_model
-    from lenssteer.train import quickstart_corpora, run_quickstart_training
+    from lenssteer.quickstart import quickstart_corpora, run_quickstart_training
 
     try:
         train, heldout = quickstart_corpora(languages, n_train, n_heldout, seed=0)
@@ -669,7 +669,7 @@ def test_quickstart_meets_the_heldout_targets(tmp_path):
 
 
 def test_training_data_save_load_round_trip(qwen, tokenizer, tmp_path):
-    from lenssteer.train import TrainingData
+    from lenssteer.training_data import TrainingData
 
     data = prepare_training_data(
         qwen, tokenizer, tiny_corpus(3), 2, [2, 3], "last", True, batch_size=4, progress=False
@@ -806,7 +806,7 @@ def test_final_norm_fast_and_plain_losses_and_gradients_match(arch, kind, tokeni
 
 def test_final_norm_training_records_its_representation(qwen, tokenizer, tmp_path):
     from lenssteer.adapter import SteeringAdapter
-    from lenssteer.train import heldout_report
+    from lenssteer.heldout import heldout_report
 
     corpus = tiny_corpus(8)
     subspace = make_final_norm_subspace(qwen, tokenizer, corpus)
