@@ -25,6 +25,7 @@ from lenssteer.extract import (
     RepresentationError,
     cap_texts,
     check_representation,
+    common_prefix_length,
     default_max_tokens,
     format_texts,
     representation_map,
@@ -201,16 +202,6 @@ class TrainingData(torch.utils.data.Dataset):
         return batch
 
 
-def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common token prefix, leaving at least one token in every sequence."""
-    shortest = min(len(s) for s in sequences)
-    first = sequences[0]
-    length = 0
-    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
-        length += 1
-    return length
-
-
 @torch.no_grad()
 def prepare_training_data(
     model: nn.Module,
@@ -259,7 +250,7 @@ def prepare_training_data(
     texts = [capped[language][i] for i in range(n_items) for language in languages]
     prompts = format_texts(tokenizer, texts, chat_template)
     encoded = tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
-    prefix_length = _common_prefix_length(encoded) if share_prefix else 0
+    prefix_length = common_prefix_length(encoded) if share_prefix else 0
     device = next(model.parameters()).device
     top = loss_layers[-1]
     captured: dict[str, Any] = {}
