@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from lenssteer.forward import cache_in_call, hidden_states_of_call
 from lenssteer.hooks import position_ids_from_mask
-from lenssteer.models import ModuleNames, find_decoder_layers
+from lenssteer.models import ModuleNames, find_decoder_layers, pad_token_id
 
 __all__ = [
     "EncodedRequest",
@@ -187,7 +187,7 @@ def loglikelihoods(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     encoded = encode_requests(tokenizer, requests)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     # Group requests by the exact model input.
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, request in enumerate(encoded):
@@ -336,9 +336,7 @@ def _greedy_config(model: nn.Module, tokenizer, max_new_tokens: int):
         do_sample=False,
         num_beams=1,
         eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer),
     )
 
 

@@ -54,6 +54,7 @@ from lenssteer.models import (
     find_final_norm,
     model_dtype,
     model_identity,
+    pad_token_id,
 )
 
 Pooling = Literal["last", "mean"]
@@ -480,7 +481,7 @@ def extract_states(
         prefix = run_shared_prefix(
             model, encoded[0][:prefix_length], layers, module_names, representation
         )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     out: torch.Tensor | None = None
     with tqdm(total=len(prompts), desc=description, unit="text", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):

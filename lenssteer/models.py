@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "pad_token_id",
     "BUNDLED_MODELS",
     "BundledModel",
     "DTYPES",
@@ -114,6 +115,18 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
     ]
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS token, else 0.
+
+    Padded positions are masked out, so the id never changes a result; one rule keeps every batch
+    (scoring, extraction, training data, transplant, generation) built alike.
+    """
+    for candidate in (tokenizer.pad_token_id, getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def cache_root() -> Path:

@@ -41,6 +41,7 @@ from lenssteer.hooks import (
 from lenssteer.models import (
     ModuleNames,
     find_decoder_layers,
+    pad_token_id,
 )
 
 
@@ -352,7 +353,7 @@ def prepare_training_data(
         offsets=offsets,
         frozen=frozen.reshape(n_items, n_languages, len(loss_layers), hidden_size),
         data_hash=corpus.data_hash() if hasattr(corpus, "data_hash") else None,
-        pad_token_id=int(tokenizer.pad_token_id or 0),
+        pad_token_id=pad_token_id(tokenizer),
         metadata={"template": template_signature(tokenizer, chat_template)},
         representation=representation,
     )

@@ -168,3 +168,15 @@ def test_bundled_smollm2_loads_and_speaks():
     )
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+
+
+def test_one_pad_id_rule():
+    """Pad with the pad token, else EOS, else 0 (scoring, extraction, training data alike)."""
+    from types import SimpleNamespace
+
+    from lenssteer.models import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=5, eos_token_id=2)) == 5
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
