@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -71,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-english-drop", type=float, default=2.0, help="fidelity points")
     parser.add_argument("--out", default=str(ROOT / "runs" / "tune"))
     parser.add_argument("--ship", default=None, help="copy the chosen adapter here")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="train only these configurations (comma-separated positions in --configs) and stop "
+        "before the comparison: to train on several processes, then run once without --only",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         train_lens,
         training_data,
     )
+    from lenssteer.training_data import TrainingData
 
     preset = {"scale-free": SCALE_FREE_CONFIG, "quickstart": QUICKSTART_CONFIG}[args.preset]
     try:
@@ -186,11 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     loaded_subspaces = {path: Subspace.load(path) for path in dict.fromkeys(subspaces)}
     languages = args.languages.split(",") if args.languages else None
 
+    only = None if args.only is None else {int(k) for k in args.only.split(",")}
     systems = [SystemConfig("base")]
     frozen: dict[tuple, Any] = {}
     for k, (overrides, config, path) in enumerate(
         zip(overrides_list, configs, subspaces, strict=True)
     ):
+        if only is not None and k not in only:
+            continue
         subspace = loaded_subspaces[path]
         if config.representation != subspace.metadata.get("representation", "residual"):
             config = dataclasses.replace(config, representation=subspace.metadata["representation"])
@@ -214,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
                 model, config.n_layers, subspace.layers, config.loss_layers
             )
             key = (str(path), trained[0], tuple(loss_layers), corpus.data_hash(), config.max_tokens)
+            cached = out / "frozen" / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.st"
+            if key not in frozen and cached.exists():
+                frozen[key] = TrainingData.load(cached)
             if key not in frozen:
                 frozen[key] = training_data(model, tokenizer, subspace, corpus, config, progress)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                frozen[key].save(cached)
             print(f"[{k}] training {json.dumps(overrides)} on {path}", flush=True)
             if folder.exists():
                 shutil.rmtree(folder)
@@ -234,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             done.write_text(json.dumps(settings, indent=1))
         systems.append(SystemConfig(f"lens-{k}", kind="lens", adapter=str(folder / "adapter")))
 
+    if only is not None:
+        print(f"trained {sorted(only)}; run again without --only for the comparison")
+        return 0
     scored = scored_item_ids(final)
     dev.exclude_items = sorted({i for ids in scored.values() for i in ids})
     dev.systems = systems
