@@ -273,6 +273,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def cost_table(outcomes: Sequence[Outcomes], timings: Mapping[str, float]) -> str:
+    """Markdown table of where a run's time went: ``timings`` (``{"system / task": seconds}``, as
+    compare records them) with the items each scored (language x item pairs) and seconds per item."""
+    items: dict[str, set[tuple[str, str]]] = {}
+    for outcome in outcomes:
+        key = f"{outcome.system} / {outcome.task}"
+        items.setdefault(key, set()).update((outcome.language, i) for i in outcome.item_ids)
+    lines = ["| step | seconds | items scored | seconds per item |", "|---|---|---|---|"]
+    for key, seconds in timings.items():
+        n = len(items.get(key, ()))
+        per_item = f"{seconds / n:.3f}" if n and seconds else "-"
+        lines.append(f"| {key} | {seconds:.1f} | {n or '-'} | {per_item} |")
+    total = sum(timings.values())
+    lines.append(f"| **all steps** | {total:.1f} | | |")
+    return "\n".join(lines)
+
+
 def write_report(
     out: str | Path,
     outcomes: Sequence[Outcomes],
@@ -339,6 +356,14 @@ def write_report(
     if notes:
         markdown.append(notes + "\n")
     markdown.append(markdown_tables(summary, task_notes, reference_system, chance_flags))
+    timings = metadata.get("timings_seconds")
+    if isinstance(timings, Mapping) and timings:
+        markdown.append(
+            "## Cost\n\nWall seconds per step (a system on a task includes its share of the "
+            "generation and scoring; 0 where it reused the base model's rows).\n\n"
+            + cost_table(outcomes, timings)
+            + "\n"
+        )
     with atomic_directory(out) as scratch:
         for task, metric in document["primary_metrics"].items():
             try:

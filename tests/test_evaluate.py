@@ -16,7 +16,7 @@ from lenssteer.evaluate import (
     generate_greedy,
     loglikelihoods,
 )
-from lenssteer.report import markdown_tables, write_report
+from lenssteer.report import cost_table, markdown_tables, write_report
 from lenssteer.stats import (
     Outcomes,
     bootstrap_mean_interval,
@@ -246,10 +246,22 @@ def test_write_report_files(tmp_path):
     assert "| steered |" in markdown and "A toy task." in markdown and "![toy](toy.png)" in markdown
     png = (out / "toy.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) < 200_000
+    assert "## Cost" not in markdown  # no timings given
     # A rewrite replaces the folder as a whole and leaves no scratch folder behind.
     write_report(out, _outcomes()[:2], metadata={"model": "tiny"})
     assert len(json.loads((out / "report.json").read_text())["outcomes"]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_the_cost_table_divides_seconds_by_the_items_each_step_scored(tmp_path):
+    timings = {"base / toy": 8.0, "steered / toy": 0.0, "shift / choosing on dev items": 3.5}
+    table = cost_table(_outcomes(), timings)
+    assert "| base / toy | 8.0 | 40 | 0.200 |" in table  # 20 items x 2 languages
+    assert "| steered / toy | 0.0 | 40 | - |" in table
+    assert "| shift / choosing on dev items | 3.5 | - | - |" in table
+    assert "| **all steps** | 11.5 | | |" in table
+    write_report(tmp_path / "r", _outcomes(), metadata={"timings_seconds": timings})
+    assert table in (tmp_path / "r" / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------------------------------
