@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The first Lens study on the English-centric bundled model (docs/lens-study.md): probe at the final
-# norm on the parallel instruction prompts, train a LoRA adapter with the scale-free preset, then the
-# focused comparison (recipes/compare_lens_smollm2.toml). About 40 min on 2 busy cores. Everything
-# lands in runs/lens-smollm2/. Extra arguments go to `lenssteer train` (e.g. --lr 1e-3).
+# The Lens study on the English-centric bundled model (docs/lens-study.md): probe SmolLM2-135M-
+# Instruct at the final norm (and, for the representation row, at the residual stream) on the
+# parallel instruction prompts; train every configuration of the sweep
+# (recipes/lens_smollm2_sweep.json) and choose one on dev items (recipes/tune_lens.py with
+# recipes/tune_lens_smollm2.toml: never an item the final comparison scores); ship the chosen
+# adapter and its subspace to checkpoints/ and subspaces/; then the scored comparison
+# (recipes/compare_lens_smollm2.toml). Everything else lands in runs/lens-smollm2/. On 2 cores:
+# probes about 5 min each, about 8 min per configuration, the dev comparison about 15 min, the
+# scored one about 25 min (3 h in all; tune_lens.py --only K,... trains on several processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash recipes/setup_env.sh
@@ -12,5 +17,11 @@ lenssteer=".venv/bin/lenssteer"
 out=runs/lens-smollm2
 common=(--model smollm2-135m-instruct --corpus instructions --languages en,de,es,fr,it --limit 300)
 "$lenssteer" probe "${common[@]}" --layers=-1 --representation final_norm --out "$out/subspace" --force
-"$lenssteer" train "${common[@]}" --subspace "$out/subspace" --preset scale-free --out "$out/adapter" --force "$@"
+"$lenssteer" probe "${common[@]}" --layers=-1 --representation residual --out "$out/subspace-residual" --force
+configs=$(sed "s#RESIDUAL_SUBSPACE#$out/subspace-residual#" recipes/lens_smollm2_sweep.json)
+.venv/bin/python recipes/tune_lens.py --model smollm2-135m-instruct --subspace "$out/subspace" \
+    --corpus instructions --limit 300 --configs "$configs" --out "$out/tune" \
+    --dev-config recipes/tune_lens_smollm2.toml --scored-config recipes/compare_lens_smollm2.toml \
+    --ship checkpoints/smollm2-135m-instruct-lens \
+    --ship-subspace subspaces/smollm2-135m-instruct-instructions-final-norm
 "$lenssteer" compare --config recipes/compare_lens_smollm2.toml

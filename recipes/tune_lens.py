@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "runs" / "tune"))
     parser.add_argument("--ship", default=None, help="copy the chosen adapter here")
     parser.add_argument(
+        "--ship-subspace",
+        default=None,
+        help="with --ship: copy the chosen adapter's subspace here and point the adapter at it",
+    )
+    parser.add_argument(
         "--only",
         default=None,
         help="train only these configurations (comma-separated positions in --configs) and stop "
@@ -291,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             out / "configs" / chosen["system"].removeprefix("lens-") / "adapter"
         )
         adapter.config.selection_items = dev_ids
+        if args.ship_subspace:
+            loaded_subspaces[chosen["subspace"]].save(args.ship_subspace)
+            adapter.config.subspace["path"] = str(args.ship_subspace)
         adapter.save_pretrained(args.ship)
         print(f"shipped to {args.ship} ({len(dev_ids)} dev item ids recorded as selection_items)")
     return 0
