@@ -11,11 +11,12 @@ is refused; an existing result of the same kind is replaced (as a whole) only wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lenssteer import __version__
@@ -39,6 +40,67 @@ def _languages(text: str) -> list[str]:
     if not languages:
         raise argparse.ArgumentTypeError("give at least one language code, e.g. en,fr,de")
     return languages
+
+
+# A depth no model has: the CLI checks a layer spec's syntax with models.resolve_layers (the one
+# parser of layer specs) before any work; its range is checked against the model once loaded.
+_SYNTAX_ONLY_DEPTH = 100_000
+
+LAYERS_SYNTAX = (
+    "'all', 'top:K' or comma-separated indices; negative ones count from the top, -1 = last "
+    "decoder layer; write one that starts with '-' after '=', e.g. --layers=-1,-2"
+)
+
+
+def _layer_spec(text: str) -> str:
+    """argparse type of every layer flag: a layer spec (``all``, ``top:K``, ``0,4,8``, ``-1``)."""
+    from lenssteer.models import resolve_layers
+
+    spec = text.strip()
+    if spec != "all":
+        try:
+            resolve_layers(spec, _SYNTAX_ONLY_DEPTH)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return spec
+
+
+def _top_layers_spec(text: str) -> int:
+    """train's ``--layers``: only ``top:K`` is meaningful (training changes the top K layers)."""
+    spec = _layer_spec(text)
+    if not spec.startswith("top:"):
+        raise argparse.ArgumentTypeError(
+            f"train trains the top K decoder layers: give top:K (e.g. top:2), not {text!r}"
+        )
+    return int(spec[len("top:") :])
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    """With ``--no-progress``, also no bars of transformers' own (loading weights)."""
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as the user typed it, recorded in what a command writes for reproduction."""
+    return shlex.join(["lenssteer", *args.argv])
 
 
 def add_force_argument(parser: argparse.ArgumentParser, what: str) -> None:
@@ -164,9 +226,9 @@ def _add_probe(subparsers) -> None:
     add_corpus_arguments(parser)
     parser.add_argument(
         "--layers",
+        type=_layer_spec,
         default="top:2",
-        help="'all', 'top:K', or comma-separated indices; negative ones count from the top, -1 = last "
-        "decoder layer; write negative lists as --layers=-1,-2 (default: top:2)",
+        help=f"layers to probe: {LAYERS_SYNTAX} (default: top:2)",
     )
     parser.add_argument(
         "--rank", type=_positive_int, help="specific-subspace rank r (default: languages - 1)"
@@ -185,6 +247,7 @@ def _add_probe(subparsers) -> None:
     parser.add_argument("--out", help="folder to write the subspace into")
     add_force_argument(parser, "subspace")
     add_max_tokens_argument(parser)
+    add_progress_argument(parser)
     parser.set_defaults(handler=_run_probe)
 
 
@@ -209,6 +272,8 @@ def _run_probe(args: argparse.Namespace) -> int:
         overwrite=args.force,
         max_tokens=args.max_tokens,
         dtype=args.dtype,
+        progress=args.progress,
+        command=command_line(args),
     )
     print(
         f"\n{subspace.metadata['model']}: {subspace.metadata['corpus']}, "
@@ -226,13 +291,6 @@ def _run_probe(args: argparse.Namespace) -> int:
 # transplant, transplant-grid (XTransplant)
 
 
-def _layer_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated layer indices") from None
-
-
 def _add_transplant_task_arguments(parser: argparse.ArgumentParser, several: bool) -> None:
     add_model_arguments(parser)
     parser.add_argument(
@@ -240,14 +298,39 @@ def _add_transplant_task_arguments(parser: argparse.ArgumentParser, several: boo
         default="mmlu-translated",
         help="aligned multiple-choice task (default: mmlu-translated)",
     )
-    parser.add_argument(
-        "--donor-lang", default="en", help="language of the donor prompts (default: en)"
+    donor = parser.add_mutually_exclusive_group()
+    # Defaults None (filled in by _donor_and_recipients): argparse does not see an explicit value
+    # equal to the default, so "--central en --donor-lang fr" would pass unnoticed.
+    donor.add_argument(
+        "--central",
+        default=None,
+        help="central language: the donor prompts' language (default: en)",
     )
-    parser.add_argument(
+    donor.add_argument(
+        "--donor-lang",
+        dest="central",
+        default=argparse.SUPPRESS,
+        help="old spelling of --central (kept for one release)",
+    )
+    recipients = parser.add_mutually_exclusive_group()
+    recipients.add_argument(
+        "--languages",
+        type=_languages,
+        default=None,
+        help=(
+            "recipient languages, comma-separated"
+            if several
+            else "the recipient language (one; transplant-grid takes several)"
+        )
+        + "; the central language may be listed too (as in probe and compare) and is skipped "
+        "(default: de)",
+    )
+    recipients.add_argument(
         "--recipient-lang",
-        type=_languages if several else str,
-        default=["de"] if several else "de",
-        help="recipient language" + ("s, comma-separated" if several else "") + " (default: de)",
+        dest="languages",
+        type=_languages,
+        default=argparse.SUPPRESS,
+        help="old spelling of --languages (kept for one release)",
     )
     parser.add_argument(
         "--limit",
@@ -259,6 +342,25 @@ def _add_transplant_task_arguments(parser: argparse.ArgumentParser, several: boo
     )
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     add_template_arguments(parser)
+    add_progress_argument(parser)
+
+
+def _donor_and_recipients(args: argparse.Namespace, several: bool) -> tuple[str, list[str]]:
+    """The donor (central) language and the recipients: ``--languages`` without the central one."""
+    central = args.central or "en"
+    languages = args.languages or ["de"]
+    recipients = [code for code in languages if code != central]
+    if not recipients:
+        raise ValueError(
+            f"--languages {','.join(languages)} names no recipient language other than the "
+            f"central language {central}"
+        )
+    if not several and len(recipients) > 1:
+        raise ValueError(
+            f"--languages {','.join(languages)}: transplant takes one recipient language "
+            "(transplant-grid takes several)"
+        )
+    return central, recipients
 
 
 def _add_transplant(subparsers) -> None:
@@ -272,8 +374,12 @@ def _add_transplant(subparsers) -> None:
     )
     _add_transplant_task_arguments(parser, several=False)
     parser.add_argument("--granularity", choices=["ffn", "attn"], default="ffn")
-    parser.add_argument("--source", type=int, required=True, help="source (donor) layer s")
-    parser.add_argument("--target", type=int, required=True, help="target (recipient) layer t")
+    parser.add_argument(
+        "--source", type=int, required=True, help="source (donor) layer s; -1 = the last layer"
+    )
+    parser.add_argument(
+        "--target", type=int, required=True, help="target (recipient) layer t; -1 = the last layer"
+    )
     parser.add_argument(
         "--generate", type=_positive_int, metavar="N", help="also generate N tokens greedily"
     )
@@ -284,11 +390,12 @@ def _add_transplant(subparsers) -> None:
 def _run_transplant(args: argparse.Namespace) -> int:
     from lenssteer.transplant_pairs import run_transplant
 
+    central, (recipient,) = _donor_and_recipients(args, several=False)
     result = run_transplant(
         args.model,
         task=args.task,
-        donor_language=args.donor_lang,
-        recipient_language=args.recipient_lang,
+        donor_language=central,
+        recipient_language=recipient,
         granularity=args.granularity,
         source_layer=args.source,
         target_layer=args.target,
@@ -300,9 +407,11 @@ def _run_transplant(args: argparse.Namespace) -> int:
         names=module_names_from(args),
         out=args.out,
         dtype=args.dtype,
+        progress=args.progress,
+        command=command_line(args),
     )
     print(
-        f"\n{result['model']['model']}: {args.task} {args.donor_lang}->{args.recipient_lang}, "
+        f"\n{result['model']['model']}: {args.task} {central}->{recipient}, "
         f"{args.granularity} s={result['source_layer']} t={result['target_layer']}, "
         f"{result['n_items']} items"
     )
@@ -336,8 +445,16 @@ def _add_transplant_grid(subparsers) -> None:
         default="target-first",
         help="all pairs, target layer 0 only (default), or --sources x --targets",
     )
-    parser.add_argument("--sources", type=_layer_list, help="source layers, e.g. 0,4,8")
-    parser.add_argument("--targets", type=_layer_list, help="target layers (explicit/overall)")
+    parser.add_argument(
+        "--sources",
+        type=_layer_spec,
+        help=f"source layers, e.g. 0,4,8 or top:4: {LAYERS_SYNTAX} (default: all)",
+    )
+    parser.add_argument(
+        "--targets",
+        type=_layer_spec,
+        help="target layers (explicit/overall), the same syntax (default: all; target-first: 0)",
+    )
     parser.add_argument(
         "--dev-fraction", type=float, default=0.5, help="share of items for pair selection"
     )
@@ -352,33 +469,16 @@ def _add_transplant_grid(subparsers) -> None:
     parser.set_defaults(handler=_run_transplant_grid)
 
 
-def _transplant_grid_command(args: argparse.Namespace) -> str:
-    """The equivalent command line, written into the results for reproduction."""
-    parts = ["lenssteer", "transplant-grid", "--model", args.model, "--task", args.task]
-    parts += ["--donor-lang", args.donor_lang, "--recipient-lang", ",".join(args.recipient_lang)]
-    parts += ["--granularity", args.granularity, "--mode", args.mode]
-    for flag, values in (("--sources", args.sources), ("--targets", args.targets)):
-        if values:
-            parts.append(f"{flag}={','.join(map(str, values))}")
-    if args.limit:
-        parts += ["--limit", str(args.limit)]
-    if args.dtype != "float32":
-        parts += ["--dtype", args.dtype]
-    parts += ["--seed", str(args.seed), "--out", args.out]
-    if not args.control:
-        parts.append("--no-control")
-    return " ".join(parts)
-
-
 def _run_transplant_grid(args: argparse.Namespace) -> int:
     from lenssteer.transplant_pairs import format_grid_summary, run_transplant_grid
 
+    central, recipients = _donor_and_recipients(args, several=True)
     result = run_transplant_grid(
         args.model,
         args.out,
         task=args.task,
-        donor_language=args.donor_lang,
-        recipient_languages=args.recipient_lang,
+        donor_language=central,
+        recipient_languages=recipients,
         granularities=["ffn", "attn"] if args.granularity == "both" else [args.granularity],
         mode=args.mode,
         sources=args.sources,
@@ -391,9 +491,10 @@ def _run_transplant_grid(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         chat_template=args.chat_template,
         names=module_names_from(args),
-        command=_transplant_grid_command(args),
+        command=command_line(args),
         overwrite=args.force,
         dtype=args.dtype,
+        progress=args.progress,
     )
     print("\n" + format_grid_summary(result))
     print(f"results written to {args.out}")
@@ -422,8 +523,22 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--out", required=True, help="adapter folder to write")
     add_force_argument(parser, "steering adapter")
     add_max_tokens_argument(parser)
-    parser.add_argument(
-        "--top-layers", type=_positive_int, default=2, help="train the top K layers (default: 2)"
+    layers = parser.add_mutually_exclusive_group()
+    layers.add_argument(
+        "--layers",
+        dest="top_layers",
+        type=_top_layers_spec,
+        default=None,  # not 2: argparse would not see an explicit top:2 next to --top-layers
+        metavar="top:K",
+        help="train the top K decoder layers (default: top:2)",
+    )
+    layers.add_argument(
+        "--top-layers",
+        dest="top_layers",
+        type=_positive_int,
+        default=argparse.SUPPRESS,
+        metavar="K",
+        help="old spelling of --layers top:K (kept for one release)",
     )
     parser.add_argument(
         "--preset",
@@ -461,21 +576,12 @@ def _add_train(subparsers) -> None:
         help="units of the loss terms: 'mse' (Lens: mean squared error over hidden units) or "
         "'scale_free' (shares of the frozen gap / |d|^2 / the English spread); default: the preset's",
     )
+    add_progress_argument(parser)
     parser.set_defaults(handler=_run_train)
 
 
-def _subspace_representation(folder: str) -> str | None:
-    """The representation point a subspace folder was probed at (None if unreadable)."""
-    import json
-
-    try:
-        header = json.loads((Path(folder) / "subspace.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # train_adapter reports the unreadable folder
-    return header.get("representation", "residual") if isinstance(header, dict) else None
-
-
 def _run_train(args: argparse.Namespace) -> int:
+    from lenssteer.compare import subspace_representation
     from lenssteer.train import QUICKSTART_CONFIG, SCALE_FREE_CONFIG, TrainConfig, train_adapter
 
     overrides = {
@@ -490,7 +596,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,
         "max_tokens": args.max_tokens,
-        "representation": args.representation or _subspace_representation(args.subspace),
+        "representation": args.representation or subspace_representation(args.subspace),
         "normalization": args.normalization,
     }
     base = {"quickstart": QUICKSTART_CONFIG, "scale-free": SCALE_FREE_CONFIG}.get(
@@ -499,7 +605,7 @@ def _run_train(args: argparse.Namespace) -> int:
     config = dataclasses.replace(
         base,
         kind=args.kind,
-        n_layers=args.top_layers,
+        n_layers=2 if args.top_layers is None else args.top_layers,
         fast=not args.plain,
         **{k: v for k, v in overrides.items() if v is not None},
     )
@@ -517,6 +623,7 @@ def _run_train(args: argparse.Namespace) -> int:
         module_names=module_names_from(args),
         overwrite=args.force or args.resume,
         dtype=args.dtype,
+        progress=args.progress,
     )
     train = adapter.config.metrics["train"]
     print(
@@ -617,91 +724,38 @@ def _add_compare(subparsers) -> None:
     parser.add_argument("--padding-side", choices=["left", "right"])
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(parser)
     parser.set_defaults(handler=_run_compare)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     from lenssteer.compare import (
         CompareConfig,
-        SystemConfig,
-        TaskConfig,
+        apply_overrides,
         format_summary,
         load_config,
         run_comparison,
     )
 
-    config = load_config(args.config) if args.config else CompareConfig()
-    for key in ("model", "dtype", "limit", "out", "batch_size", "padding_side", "seed", "threads"):
-        if getattr(args, key) is not None:
-            setattr(config, key, getattr(args, key))
-    if args.languages:
-        config.languages = args.languages
-    if args.central:
-        config.central_language = args.central
-    if args.tasks:
-        known = {task.name: task for task in config.tasks}
-        config.tasks = [
-            known.get(name)
-            or (
-                TaskConfig(name=Path(name).stem, file=name)
-                if name.endswith((".json", ".jsonl"))
-                else TaskConfig(name)
-            )
-            for name in args.tasks
-        ]
-    elif not config.tasks:
-        config.tasks = [
-            TaskConfig(name)
-            for name in (
-                "mmlu-translated",
-                "bible-continuation",
-                "bible-retrieval",
-                "language-fidelity",
-            )
-        ]
-    if not config.systems:
-        config.systems = [SystemConfig("base")]
-    adapters = list(args.adapter)
-    configured = [system for system in config.systems if system.kind == "lens"]
-    if adapters and configured:  # --adapter replaces the config's (first) Lens adapter
-        configured[0].adapter = adapters.pop(0)
-    names = {system.name for system in config.systems}
-    for adapter in adapters:
-        name = next(n for n in ["lens", *(f"lens-{k}" for k in range(2, 99))] if n not in names)
-        names.add(name)
-        config.systems.append(SystemConfig(name, kind="lens", adapter=adapter))
-    if args.subspace:  # a final_norm subspace exists at the last layer only: edit it there
-        point = _subspace_representation(args.subspace)
-        config.systems.append(
-            SystemConfig(
-                "remove-specific",
-                kind="baseline",
-                subspace=args.subspace,
-                layers="-1" if point == "final_norm" else "top:2",
-            )
-        )
-    if args.transplant:
-        try:
-            source, target = (int(x) for x in args.transplant.split(","))
-        except ValueError:
-            raise ValueError(
-                f"--transplant wants SOURCE,TARGET layers, got {args.transplant!r}"
-            ) from None
-        config.systems.append(
-            SystemConfig(
-                "xtransplant", kind="xtransplant", source_layer=source, target_layer=target
-            )
-        )
-    if args.transplant_pairs:
-        config.systems.append(
-            SystemConfig(
-                "xtransplant-selected", kind="xtransplant", pairs_file=args.transplant_pairs
-            )
-        )
-    document = run_comparison(
-        config, progress=not args.no_progress, command=shlex.join(["lenssteer", *args.argv])
+    config = apply_overrides(
+        load_config(args.config) if args.config else CompareConfig(),
+        model=args.model,
+        dtype=args.dtype,
+        limit=args.limit,
+        out=args.out,
+        batch_size=args.batch_size,
+        padding_side=args.padding_side,
+        seed=args.seed,
+        threads=args.threads,
+        languages=args.languages,
+        central_language=args.central,
+        tasks=args.tasks,
+        adapters=args.adapter,
+        subspace=args.subspace,
+        transplant=args.transplant,
+        transplant_pairs=args.transplant_pairs,
     )
+    document = run_comparison(config, progress=args.progress, command=command_line(args))
     print(format_summary(document))
     print(f"\nreport written to {config.out} (report.md, report.json, one PNG per task)")
     return 0
@@ -714,10 +768,13 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _add_bench(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="run the benchmarks (a source checkout's benchmarks/run.py) and write RESULTS.md",
+        help="run the benchmarks (benchmarks/run.py of a source checkout) and write RESULTS.md",
         description="Every performance comparison side by side (extraction, training step, "
-        "XTransplant grid, steered inference, machine limit, scaling), as "
-        "'python benchmarks/run.py' runs them. A full run writes benchmarks/RESULTS.md.",
+        "XTransplant grid, steered inference, machine limit, scaling, bf16, peers), as "
+        "'python benchmarks/run.py' runs them. The benchmark scripts live in the repository's "
+        "benchmarks/ folder, not in the installed package: bench finds them next to the package "
+        "(a source checkout or editable install), else in ./benchmarks, or where --benchmarks "
+        "points. A full run writes RESULTS.md into that folder.",
         epilog=EPILOG,
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -727,22 +784,42 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--threads", type=_positive_int, help="torch threads")
     parser.add_argument("--output", help="write the Markdown report here")
     parser.add_argument("--json", help="also write every row and raw time here")
+    parser.add_argument(
+        "--benchmarks",
+        metavar="DIR",
+        help="the benchmarks/ folder of a lenssteer source checkout (default: found as above)",
+    )
     parser.set_defaults(handler=_run_bench)
+
+
+def find_benchmarks(explicit: str | None = None, cwd: str | Path | None = None) -> Path:
+    """``run.py`` of the benchmark scripts: in ``explicit`` if given, else next to the package (a
+    source checkout or editable install), else in ``<cwd>/benchmarks``; a clear error if none."""
+    package_root = Path(__file__).resolve().parent.parent
+    if explicit is not None:
+        candidates = [Path(explicit)]
+    else:
+        candidates = [package_root / "benchmarks", Path(cwd or os.getcwd()) / "benchmarks"]
+    for folder in candidates:
+        if (folder / "run.py").is_file() and (folder / "bench_common.py").is_file():
+            return folder.resolve() / "run.py"
+    where = " or ".join(str(folder) for folder in candidates)
+    raise FileNotFoundError(
+        f"no benchmark scripts (run.py, bench_common.py) in {where}: they ship with the source "
+        "repository, not the installed package; run 'lenssteer bench' inside a clone of the "
+        "lenssteer repository or pass --benchmarks PATH/TO/lenssteer/benchmarks"
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     import subprocess
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-    if not script.is_file():
-        raise OSError(
-            f"{script} not found: 'lenssteer bench' runs from a source checkout of lenssteer"
-        )
+    script = find_benchmarks(args.benchmarks)
     forwarded = ["--quick"] if args.quick else []
     for name in ("sections", "skip", "model", "threads", "output", "json"):
         if getattr(args, name) is not None:
             forwarded += [f"--{name}", str(getattr(args, name))]
+    print(f"lenssteer bench: running {script}", file=sys.stderr, flush=True)
     # A fresh process, so that run.py sets the OpenMP environment before torch starts.
     return subprocess.call([sys.executable, str(script), *forwarded])
 
@@ -813,7 +890,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a report records as command
     try:
-        return args.handler(args) or 0
+        with _progress_bars(getattr(args, "progress", True)):
+            return args.handler(args) or 0
     except KeyboardInterrupt:
         print(f"lenssteer {args.command}: interrupted", file=sys.stderr)
         return 130

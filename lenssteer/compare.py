@@ -63,6 +63,7 @@ __all__ = [
     "CompareConfigError",
     "SystemConfig",
     "TaskConfig",
+    "apply_overrides",
     "load_config",
     "run_comparison",
     "scored_item_ids",
@@ -257,6 +258,121 @@ def load_config(path: str | Path) -> CompareConfig:
     except tomllib.TOMLDecodeError as error:
         raise CompareConfigError(f"{path}: invalid TOML ({error})") from error
     return config_from_dict(data, str(path))
+
+
+DEFAULT_TASKS = ("mmlu-translated", "bible-continuation", "bible-retrieval", "language-fidelity")
+
+
+def subspace_representation(folder: str | Path) -> str | None:
+    """The representation point a subspace folder was probed at (None if unreadable: whoever
+    loads the subspace reports that)."""
+    import json
+
+    try:
+        header = json.loads((Path(folder) / "subspace.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return header.get("representation", "residual") if isinstance(header, dict) else None
+
+
+def apply_overrides(
+    config: CompareConfig,
+    *,
+    model: str | None = None,
+    dtype: str | None = None,
+    limit: int | None = None,
+    out: str | None = None,
+    batch_size: int | None = None,
+    padding_side: str | None = None,
+    seed: int | None = None,
+    threads: int | None = None,
+    languages: Sequence[str] | None = None,
+    central_language: str | None = None,
+    tasks: Sequence[str] | None = None,
+    adapters: Sequence[str] = (),
+    subspace: str | None = None,
+    transplant: str | tuple[int, int] | None = None,
+    transplant_pairs: str | None = None,
+) -> CompareConfig:
+    """``config`` with the command line's settings applied (``None``: keep the config's); what
+    ``lenssteer compare``'s flags do, as a plain function. Changes ``config`` and returns it.
+
+    ``tasks``: names of known tasks (the config's own settings kept) or ``.json``/``.jsonl`` files;
+    without them and without configured tasks, the four built-in tasks. Without configured
+    systems, the base model. ``adapters``: the first replaces the config's first Lens adapter,
+    the others add Lens systems (``lens``, ``lens-2``, ...). ``subspace``: adds the remove-specific
+    baseline (at the last layer for a ``final_norm`` subspace, else the top two layers).
+    ``transplant``: a fixed ``"SOURCE,TARGET"`` pair (or tuple) adds ``xtransplant``;
+    ``transplant_pairs``: a ``selected_pairs.json`` adds ``xtransplant-selected``.
+    """
+    settings = {
+        "model": model,
+        "dtype": dtype,
+        "limit": limit,
+        "out": out,
+        "batch_size": batch_size,
+        "padding_side": padding_side,
+        "seed": seed,
+        "threads": threads,
+        "central_language": central_language,
+    }
+    for key, value in settings.items():
+        if value is not None:
+            setattr(config, key, value)
+    if languages:
+        config.languages = list(languages)
+    if tasks:
+        known = {task.name: task for task in config.tasks}
+        config.tasks = [
+            known.get(name)
+            or (
+                TaskConfig(name=Path(name).stem, file=name)
+                if name.endswith((".json", ".jsonl"))
+                else TaskConfig(name)
+            )
+            for name in tasks
+        ]
+    elif not config.tasks:
+        config.tasks = [TaskConfig(name) for name in DEFAULT_TASKS]
+    if not config.systems:
+        config.systems = [SystemConfig("base")]
+    adapters = list(adapters)
+    configured = [system for system in config.systems if system.kind == "lens"]
+    if adapters and configured:  # the first replaces the config's (first) Lens adapter
+        configured[0].adapter = adapters.pop(0)
+    names = {system.name for system in config.systems}
+    for adapter in adapters:
+        name = next(n for n in ["lens", *(f"lens-{k}" for k in range(2, 99))] if n not in names)
+        names.add(name)
+        config.systems.append(SystemConfig(name, kind="lens", adapter=adapter))
+    if subspace:  # a final_norm subspace exists at the last layer only: edit it there
+        point = subspace_representation(subspace)
+        config.systems.append(
+            SystemConfig(
+                "remove-specific",
+                kind="baseline",
+                subspace=subspace,
+                layers="-1" if point == "final_norm" else "top:2",
+            )
+        )
+    if transplant is not None:
+        try:
+            parts = transplant.split(",") if isinstance(transplant, str) else transplant
+            source, target = (int(x) for x in parts)
+        except (TypeError, ValueError):
+            raise CompareConfigError(
+                f"--transplant wants SOURCE,TARGET layers, got {transplant!r}"
+            ) from None
+        config.systems.append(
+            SystemConfig(
+                "xtransplant", kind="xtransplant", source_layer=source, target_layer=target
+            )
+        )
+    if transplant_pairs:
+        config.systems.append(
+            SystemConfig("xtransplant-selected", kind="xtransplant", pairs_file=transplant_pairs)
+        )
+    return config
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def probe(
     corpus: str = "bible",
     languages: Sequence[str] = ("en", "fr", "de", "es", "ru"),
     central_language: str = "en",
-    layers: str | Sequence[int] = "top:2",
+    layers: str | Sequence[int] = "top:2",  # a layer spec: models.resolve_layers
     limit: int | None = 300,
     out: str | Path | None = None,
     rank: int | None = None,
@@ -74,6 +74,7 @@ def probe(
     overwrite: bool = True,
     max_tokens: int | None = None,
     dtype: str = "float32",
+    command: str | None = None,
 ) -> Subspace:
     """Compute (and, with ``out``, save) the language subspaces of ``model`` on a parallel corpus.
 
@@ -85,7 +86,8 @@ def probe(
     ``representation="final_norm"`` reads the last layer after the model's final norm (as Lens
     does; ``layers`` must then be the last layer only, e.g. ``"-1"``). ``dtype``: the weights'
     dtype when the model is loaded here (``"bfloat16"``: about twice as fast on CPUs with bf16
-    matrix units; the pooled states and the subspace stay float32).
+    matrix units; the pooled states and the subspace stay float32). ``command``: the command line
+    that ran this (the CLI's), recorded as the subspace's ``command`` metadata.
     """
     from lenssteer.data import load_corpus
     from lenssteer.io import check_output_folder
@@ -114,21 +116,13 @@ def probe(
         representation=representation,
         max_tokens=max_tokens,
     )
+    metadata = probe_metadata(
+        lm, tokenizer, parallel, pooling, use_template, module_names, representation=representation
+    )
+    if command is not None:
+        metadata["command"] = command
     subspace = compute_subspace(
-        states,
-        absolute,
-        central_language,
-        rank=rank,
-        seed=seed,
-        metadata=probe_metadata(
-            lm,
-            tokenizer,
-            parallel,
-            pooling,
-            use_template,
-            module_names,
-            representation=representation,
-        ),
+        states, absolute, central_language, rank=rank, seed=seed, metadata=metadata
     )
     if out is not None:
         subspace.save(out)

@@ -88,32 +88,38 @@ GRID_MODES = ("overall", "target-first", "explicit")
 # The fast grid
 
 
+def _layers(spec: str | int | Sequence[int], n_layers: int) -> list[int]:
+    """A layer spec (``"top:4"``, ``"all"``, ``"0,4,-1"``) or indices, resolved against the model."""
+    return resolve_layers(spec if isinstance(spec, (str, int)) else list(spec), n_layers)
+
+
 def grid_pairs(
     mode: str,
     n_layers: int,
-    sources: Sequence[int] | None = None,
-    targets: Sequence[int] | None = None,
+    sources: str | Sequence[int] | None = None,
+    targets: str | Sequence[int] | None = None,
 ) -> list[tuple[int, int]]:
     """``(source, target)`` pairs, ordered by target then source.
 
     ``overall``: every pair; ``target-first``: target 0, every source (the paper's cheap mode);
     ``explicit``: ``sources x targets``. In the first two, ``sources``/``targets`` restrict the
-    range when given.
+    range when given. Each is a list of layer indices or a layer spec (``"top:4"``, ``"all"``,
+    ``"0,4,-1"``; :func:`lenssteer.models.resolve_layers`), resolved against ``n_layers``.
     """
     if mode not in GRID_MODES:
         raise ValueError(f"unknown grid mode {mode!r}; choose one of {', '.join(GRID_MODES)}")
     all_layers = list(range(n_layers))
-    src = resolve_layers(list(sources), n_layers) if sources is not None else all_layers
+    src = _layers(sources, n_layers) if sources is not None else all_layers
     if mode == "target-first":
-        if targets is not None and resolve_layers(list(targets), n_layers) != [0]:
+        if targets is not None and _layers(targets, n_layers) != [0]:
             raise ValueError("grid mode 'target-first' fixes the target layer at 0")
         tgt = [0]
     elif mode == "explicit":
         if sources is None or targets is None:
             raise ValueError("grid mode 'explicit' needs both sources and targets")
-        tgt = resolve_layers(list(targets), n_layers)
+        tgt = _layers(targets, n_layers)
     else:
-        tgt = resolve_layers(list(targets), n_layers) if targets is not None else all_layers
+        tgt = _layers(targets, n_layers) if targets is not None else all_layers
     return [(s, t) for t in tgt for s in src]
 
 
@@ -574,10 +580,12 @@ def run_transplant(
     out: str | Path | None = None,
     progress: bool = True,
     dtype: str | torch.dtype = "float32",
+    command: str | None = None,
 ) -> dict[str, Any]:
     """One pair on a task: base vs transplanted accuracy (and greedy outputs with ``generate``).
 
     ``dtype``: the weights' dtype (``"bfloat16"`` runs faster on CPUs with bf16 matrix units).
+    ``command``: the command line that ran this (the CLI's), recorded in the result.
     """
     from lenssteer.models import load_model, model_identity
 
@@ -625,6 +633,7 @@ def run_transplant(
         "transplant_accuracy": float(patched_ok.float().mean()),
         "transplant_accuracy_ci": wilson_interval(int(patched_ok.sum()), n),
         "changed_answers": int((base.argmax(-1) != patched.argmax(-1)).sum()),
+        "command": command,
     }
     if generate:
         result["generations"] = [
@@ -669,8 +678,8 @@ def run_transplant_grid(
     recipient_languages: Sequence[str] = ("de",),
     granularities: Sequence[str] = ("ffn",),
     mode: str = "target-first",
-    sources: Sequence[int] | None = None,
-    targets: Sequence[int] | None = None,
+    sources: str | Sequence[int] | None = None,
+    targets: str | Sequence[int] | None = None,
     limit: int | None = None,
     seed: int = 0,
     dev_fraction: float = 0.5,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 from conftest import make_tiny_model
@@ -192,3 +193,213 @@ def test_probe_and_train_at_the_final_norm(tiny_folder, corpus_file, tmp_path, c
     assert systems["lens"]["representation"] == "final_norm"
     assert systems["remove-specific"]["representation"] == "final_norm"
     assert systems["remove-specific"]["layers"] == "-1"  # the only layer of such a subspace
+
+
+# --------------------------------------------------------------------------------------------------
+# One vocabulary: layer specs, --central/--languages, --no-progress, recorded command lines
+
+
+def _argparse_error(args, capsys) -> str:
+    """An argparse refusal: exit code 2 before any work, one ``error:`` line naming the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def _parsed(args) -> dict:
+    from lenssteer.cli import build_parser
+
+    namespace = vars(build_parser().parse_args(args))
+    namespace.pop("handler")
+    return namespace
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["probe", "--layers", "top:x"], ["--layers", "top:x", "positive integer K"]),
+        (["probe", "--layers", "top:0"], ["--layers", "top:0"]),
+        (["probe", "--layers", "1,b"], ["--layers", "'b' is not an integer"]),
+        (["transplant-grid", "--out", "g", "--sources", "top:"], ["--sources", "top:"]),
+        (["transplant-grid", "--out", "g", "--targets", "x"], ["--targets", "'x'"]),
+        (["train", "--subspace", "s", "--out", "a", "--layers", "0,1"], ["--layers", "top:K"]),
+        (["train", "--subspace", "s", "--out", "a", "--layers", "all"], ["--layers", "'all'"]),
+        (["train", "--subspace", "s", "--out", "a", "--layers", "top:y"], ["--layers", "top:y"]),
+        (
+            ["train", "--subspace", "s", "--out", "a", "--layers", "top:2", "--top-layers", "3"],
+            ["--top-layers", "not allowed with argument --layers"],
+        ),
+        (
+            [
+                "transplant",
+                "--source",
+                "0",
+                "--target",
+                "0",
+                "--central",
+                "en",
+                "--donor-lang",
+                "fr",
+            ],
+            ["--donor-lang", "not allowed with argument --central"],
+        ),
+        (
+            ["transplant-grid", "--out", "g", "--languages", "de", "--recipient-lang", "fr"],
+            ["--recipient-lang", "not allowed with argument --languages"],
+        ),
+    ],
+)
+def test_bad_flags_are_one_line_errors_naming_them(args, named, capsys):
+    line = _argparse_error(args, capsys)
+    assert line.startswith(f"lenssteer {args[0]}: error: argument ")
+    for text in named:
+        assert text in line, (text, line)
+
+
+def test_old_spellings_parse_to_the_same_namespace():
+    pair = ["--source", "0", "--target", "1"]
+    assert _parsed(["transplant", *pair, "--donor-lang", "fr", "--recipient-lang", "de"]) == (
+        _parsed(["transplant", *pair, "--central", "fr", "--languages", "de"])
+    )
+    grid = ["transplant-grid", "--out", "g"]
+    assert _parsed([*grid, "--donor-lang", "en", "--recipient-lang", "de,fr"]) == _parsed(
+        [*grid, "--central", "en", "--languages", "de,fr"]
+    )
+    assert _parsed([*grid, "--central", "en"]) == _parsed([*grid, "--donor-lang", "en"])
+    train = ["train", "--subspace", "s", "--out", "a"]
+    assert _parsed([*train, "--top-layers", "3"]) == _parsed([*train, "--layers", "top:3"])
+    assert _parsed(train)["top_layers"] is None  # the default, top:2
+    for command in (["probe"], grid, train, ["compare"], ["transplant", *pair]):
+        assert _parsed(command)["progress"] is True
+        assert _parsed([*command, "--no-progress"])["progress"] is False
+
+
+def test_layer_specs_are_checked_before_work_and_resolved_against_the_model():
+    # the syntax of models.resolve_layers, kept as text until the model is loaded
+    assert _parsed(["probe", "--layers=-1,-2"])["layers"] == "-1,-2"
+    assert _parsed(["transplant-grid", "--out", "g", "--sources", "top:2"])["sources"] == "top:2"
+    from lenssteer.transplant_pairs import grid_pairs
+
+    assert grid_pairs("explicit", 4, "top:2", "-4") == [(2, 0), (3, 0)]
+    assert grid_pairs("overall", 3, "all", [0]) == [(0, 0), (1, 0), (2, 0)]
+    assert grid_pairs("target-first", 4, "0,-1") == [(0, 0), (3, 0)]
+
+
+def test_probe_no_progress_and_recorded_command(tiny_folder, corpus_file, tmp_path, capsys):
+    args = probe_args(tiny_folder, corpus_file, "--layers=-1", "--out", str(tmp_path / "a"))
+    assert main(args) == 0
+    assert "%|" in capsys.readouterr().err  # the extraction's progress bar
+    quiet = probe_args(tiny_folder, corpus_file, "--layers=-1", "--no-progress")
+    quiet += ["--out", str(tmp_path / "b")]
+    assert main(quiet) == 0
+    assert "%|" not in capsys.readouterr().err
+    assert Subspace.load(tmp_path / "b").metadata["command"] == shlex.join(["lenssteer", *quiet])
+
+
+def test_transplant_grid_new_spelling_layer_specs_and_command(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["transplant-grid", "--model", tiny_folder, "--central", "en", "--languages", "en,de"]
+    argv += ["--mode", "explicit", "--sources", "top:2", "--targets=-4", "--limit", "4"]
+    argv += ["--no-control", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert "%|" not in capsys.readouterr().err
+    result = json.loads((out / "grid.json").read_text())
+    assert result["recipient_languages"] == ["de"]  # the central language listed is no recipient
+    assert result["languages"]["de"]["ffn"]["pairs"] == [[2, 0], [3, 0]]
+    assert result["command"] == shlex.join(["lenssteer", *argv])
+
+
+def test_transplant_records_command_and_checks_recipients(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    argv = ["transplant", "--model", tiny_folder, "--source", "-1", "--target", "0"]
+    argv += ["--central", "en", "--languages", "de", "--limit", "2", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "%|" not in capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["command"] == shlex.join(["lenssteer", *argv, "--out", str(out)])
+    assert result["recipient_language"] == "de" and result["source_layer"] == 3
+    base = ["transplant", "--model", tiny_folder, "--source", "0", "--target", "0"]
+    err = _error_of([*base, "--languages", "de,fr"], capsys)
+    assert "--languages de,fr" in err and "one recipient language" in err
+    err = _error_of([*base, "--donor-lang", "de", "--recipient-lang", "de"], capsys)
+    assert "no recipient language other than the central language de" in err
+
+
+def test_train_layers_top_k_and_no_progress(tiny_folder, corpus_file, tmp_path, capsys):
+    from lenssteer.adapter import SteeringAdapter
+
+    subspace = tmp_path / "sub"
+    probe = probe_args(tiny_folder, corpus_file, "--layers=top:2", "--no-progress")
+    assert main([*probe, "--out", str(subspace)]) == 0
+    out = tmp_path / "adapter"
+    args = ["train", "--model", tiny_folder, "--subspace", str(subspace), "--corpus", corpus_file]
+    args += ["--limit", "12", "--out", str(out), "--max-steps", "1", "--layers", "top:1"]
+    assert main([*args, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "1 steps" in captured.out and "%|" not in captured.err
+    assert SteeringAdapter.from_pretrained(out).config.trained_layers == [3]
+
+
+# --------------------------------------------------------------------------------------------------
+# compare's overrides (a plain function of lenssteer.compare) and bench's scripts
+
+
+def test_apply_overrides_on_a_config():
+    from lenssteer.compare import CompareConfig, SystemConfig, TaskConfig, apply_overrides
+
+    config = apply_overrides(
+        CompareConfig(), limit=3, languages=["en", "fr"], central_language="en"
+    )
+    assert config.limit == 3 and config.languages == ["en", "fr"] and config.seed == 0
+    assert [t.name for t in config.tasks] == [
+        "mmlu-translated",
+        "bible-continuation",
+        "bible-retrieval",
+        "language-fidelity",
+    ]
+    assert [(s.name, s.kind) for s in config.systems] == [("base", "base")]
+
+    configured = CompareConfig(
+        tasks=[TaskConfig("mmlu-translated", limit=5)],
+        systems=[SystemConfig("base"), SystemConfig("lens", kind="lens", adapter="old")],
+    )
+    config = apply_overrides(
+        configured,
+        model="m",
+        dtype="bfloat16",
+        tasks=["mmlu-translated", "mine.jsonl"],
+        adapters=["new", "other"],
+        subspace="no-such-subspace",
+        transplant="3,0",
+        transplant_pairs="pairs.json",
+    )
+    assert config.model == "m" and config.dtype == "bfloat16"
+    assert [(t.name, t.file, t.limit) for t in config.tasks] == [
+        ("mmlu-translated", None, 5),  # a configured task keeps its settings
+        ("mine", "mine.jsonl", None),
+    ]
+    systems = {s.name: s for s in config.systems}
+    assert systems["lens"].adapter == "new" and systems["lens-2"].adapter == "other"
+    assert systems["remove-specific"].subspace == "no-such-subspace"
+    assert systems["remove-specific"].layers == "top:2"
+    assert (systems["xtransplant"].source_layer, systems["xtransplant"].target_layer) == (3, 0)
+    assert systems["xtransplant-selected"].pairs_file == "pairs.json"
+    config.validate()
+    with pytest.raises(ValueError, match="--transplant wants SOURCE,TARGET layers, got '3'"):
+        apply_overrides(CompareConfig(), transplant="3")
+
+
+def test_bench_finds_the_scripts_or_says_how_to_get_them(tmp_path, capsys):
+    from pathlib import Path
+
+    from lenssteer.cli import find_benchmarks
+
+    checkout = Path(__file__).resolve().parent.parent / "benchmarks"
+    assert find_benchmarks() == checkout / "run.py"  # next to the package (a source checkout)
+    assert find_benchmarks(str(checkout)) == checkout / "run.py"
+    err = _error_of(["bench", "--quick", "--benchmarks", str(tmp_path)], capsys)
+    assert str(tmp_path) in err and "inside a clone of the lenssteer repository" in err
+    assert len(err.strip().splitlines()) == 1
