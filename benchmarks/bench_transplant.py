@@ -117,8 +117,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--task", default="mmlu-translated")
-    parser.add_argument("--donor-lang", default="en")
-    parser.add_argument("--recipient-lang", default="de")
+    # the CLI's spelling (lenssteer transplant); --donor-lang/--recipient-lang: the old one
+    parser.add_argument(
+        "--central", "--donor-lang", dest="donor_lang", default="en", metavar="LANG"
+    )
+    parser.add_argument(
+        "--languages", "--recipient-lang", dest="recipient_lang", default="de", metavar="LANG"
+    )
     parser.add_argument("--items", type=int, default=6, help="items measured (default 6)")
     parser.add_argument(
         "--slow-pairs", type=int, default=3, help="pairs timed from scratch per item (default 3)"
