@@ -6,6 +6,14 @@ Errors of the user's input are printed as one line (set ``LENSSTEER_DEBUG=1`` fo
 Commands that write a result folder (``--out``) check it before any work: a file, a non-empty folder
 that is not a result of the same kind, a folder equal to or inside an input, or an unwritable place
 is refused; an existing result of the same kind is replaced (as a whole) only with ``--force``.
+
+One vocabulary across commands: ``--model`` and ``--dtype`` wherever a model is loaded;
+``--languages`` (comma-separated) and ``--central``; layers as one spec syntax
+(:func:`lenssteer.models.resolve_layers`: ``all``, ``top:K``, indices, negatives from the top),
+checked when parsing and resolved against the model once it is loaded; ``--out``;
+``--no-progress``. What a command writes records the command line as typed
+(:func:`command_line`). Old spellings (``--donor-lang``, ``--recipient-lang``, ``--top-layers``)
+still parse, for one release.
 """
 
 from __future__ import annotations
