@@ -105,6 +105,8 @@ class SystemConfig:
     # candidate strengths, and how many dev verses build the language means
     strengths: list[float] | None = None
     direction_items: int = 64
+    criterion: str = "fidelity"  # or "likelihood" (lenssteer.language_shift)
+    max_likelihood_drop: float = 0.05  # fidelity criterion: nats per byte below the unshifted
 
     def __post_init__(self) -> None:
         if self.kind not in SYSTEM_KINDS:
@@ -120,6 +122,11 @@ class SystemConfig:
             if self.direction_items < 2:
                 raise CompareConfigError(
                     f"system {self.name!r}: direction_items must be >= 2, got {self.direction_items}"
+                )
+            if self.criterion not in ("likelihood", "fidelity"):
+                raise CompareConfigError(
+                    f"system {self.name!r}: criterion must be likelihood or fidelity, not "
+                    f"{self.criterion!r}"
                 )
         if self.kind == "baseline" and not self.subspace:
             raise CompareConfigError(f"system {self.name!r} (baseline) needs 'subspace' (a folder)")
@@ -859,6 +866,7 @@ def _resolve_language_shift(
     )
     from lenssteer.task_registry import (
         BIBLE_LANGUAGES,
+        FIDELITY_INSTRUCTIONS,
         bible_followers,
         bible_neighbourhood,
         bible_verse_pairs,
@@ -897,6 +905,10 @@ def _resolve_language_shift(
     texts = {lang: [item.choices[0] for item in rows] for lang, rows in means_items.items()}
     means = language_means(model, tokenizer, texts, layers, config.batch_size, progress)
     dev_items = bible_verse_pairs(config.languages, set(select_ids))
+    dev_prompts = {  # the fidelity task's 'explain' request about each dev verse
+        lang: [f"{FIDELITY_INSTRUCTIONS[lang]}\n\n{item.choices[0]}" for item in rows]
+        for lang, rows in dev_items.items()
+    }
     prepared.shift = choose_layer_and_strength(
         model,
         tokenizer,
@@ -908,6 +920,9 @@ def _resolve_language_shift(
         config.batch_size,
         config.padding_side,
         progress,
+        criterion=system.criterion,
+        dev_prompts=dev_prompts,
+        max_likelihood_drop=system.max_likelihood_drop,
     )
     prepared.description.update(prepared.shift.describe())
     prepared.description["selection"].update(
@@ -1316,7 +1331,9 @@ def run_comparison(
     data = {task.name: _prepare_task_data(task, config, _limit(tc, config)) for task, tc in tasks}
     _drop_unscorable_items(tasks, data, systems, config)
     scored = _scored_ids(tasks, data, config)
+    timings: dict[str, float] = {"loading and items": round(time.time() - started, 1)}
     for prepared in systems:
+        clock = time.perf_counter()
         if prepared.config.kind == "xtransplant":
             exclude = scored.get(prepared.config.select_task, set())
             if prepared.config.select_task == "mmlu-translated":
@@ -1324,6 +1341,10 @@ def run_comparison(
             _resolve_pairs(prepared, model, tokenizer, config, exclude, progress)
         if prepared.config.kind == "language-shift":
             _resolve_language_shift(prepared, model, tokenizer, config, scored, progress)
+        if prepared.config.kind in ("xtransplant", "language-shift"):
+            timings[f"{prepared.config.name} / choosing on dev items"] = round(
+                time.perf_counter() - clock, 1
+            )
 
     base = next((p for p in systems if p.config.kind == "base"), None)
     from lenssteer.adapter import check_base_weights
@@ -1335,7 +1356,6 @@ def run_comparison(
     boundary = min(shared) if (share_lower_layers and base and shared) else None
 
     outcomes: list[Outcomes] = []
-    timings: dict[str, float] = {}
     for task, _ in tasks:
         for unit in _units(task, data[task.name], tokenizer, model, config):
             replay = LowerLayerReplay(model, boundary) if boundary and unit.replayable else None

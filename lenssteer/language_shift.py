@@ -13,11 +13,18 @@ subspace and no training. Unlike :mod:`lenssteer.baselines`' ``language-shift`` 
 
 Layer and strength are chosen on *dev* items, never on scored ones: the means come from one set of
 public-domain verses, the choice from another (disjoint from each other and from every verse a
-comparison scores, :func:`lenssteer.sampling.check_disjoint`); the criterion is the per-byte
-log-likelihood of target-language verses (after the verse before them) under the shift, averaged
-over the target languages: the setting that makes the model's predictions most like language ``x``
-without breaking them. Strength 0 (the model as it is) is always a candidate, so a shift that
-only hurts is not chosen.
+comparison scores, :func:`lenssteer.sampling.check_disjoint`). Two criteria, averaged over the
+target languages:
+
+* ``"likelihood"``: the per-byte log-likelihood of target-language verses (after the verse before
+  them) under the shift: the setting that makes the model's predictions most like language ``x``
+  without breaking them;
+* ``"fidelity"``: the share of greedy answers in the prompt's language to dev prompts (a request to
+  explain a dev verse), among the settings whose dev likelihood is at most ``max_likelihood_drop``
+  nats per byte below the unshifted model's: what the vector is for (answers in the right
+  language) without a visible cost to the language's text.
+
+Strength 0 (the model as it is) is always a candidate, so a shift that only hurts is not chosen.
 """
 
 from __future__ import annotations
@@ -34,8 +41,12 @@ from lenssteer.baselines import language_shift
 from lenssteer.hooks import hooked
 from lenssteer.models import find_decoder_layers
 
+CRITERIA = ("likelihood", "fidelity")
+
 __all__ = [
+    "CRITERIA",
     "LanguageShift",
+    "answer_fidelity",
     "choose_layer_and_strength",
     "default_candidate_layers",
     "language_means",
@@ -126,18 +137,30 @@ def choose_layer_and_strength(
     batch_size: int = 8,
     padding_side: str = "left",
     progress: bool = False,
+    criterion: str = "likelihood",
+    dev_prompts: Mapping[str, Sequence[str]] | None = None,
+    max_new_tokens: int = 24,
+    max_likelihood_drop: float = 0.05,
 ) -> LanguageShift:
-    """The (layer, strength) with the highest mean per-byte log-likelihood of the target-language
-    dev verses (``dev_items``: ``{language: MultipleChoiceItem with question = previous verse,
-    choices = [verse]}``); strength 0 is always tried. Ties: the smaller strength, then the lower
-    layer."""
+    """The (layer, strength) by ``criterion`` (module docstring) on the dev items; strength 0 is
+    always tried.
+
+    ``dev_items``: ``{language: MultipleChoiceItem with question = previous verse, choices =
+    [verse]}`` (the likelihood of every candidate). ``dev_prompts``: ``{language: [user message]}``
+    for ``criterion="fidelity"`` (answered greedily, ``max_new_tokens`` each, with the chat template
+    when the tokenizer has one). Ties: the higher likelihood, the smaller strength, the lower layer.
+    """
     from lenssteer.evaluate import ScoringRequest, loglikelihoods
 
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     targets = [lang for lang in dev_items if lang != central_language]
     if not targets:
         raise ValueError(
             "language-shift needs at least one target language besides the central one"
         )
+    if criterion == "fidelity" and not (dev_prompts and all(dev_prompts.get(t) for t in targets)):
+        raise ValueError("criterion 'fidelity' needs dev prompts in every target language")
     directions_at = {
         layer: {lang: means[lang][k] - means[central_language][k] for lang in targets}
         for k, layer in enumerate(layers)
@@ -167,26 +190,75 @@ def choose_layer_and_strength(
             per_language.append(sum(per_byte) / len(per_byte))
         return sum(per_language) / len(per_language)
 
-    table = [{"layer": layers[0], "strength": 0.0, "dev_loglik_per_byte": score(layers[0], 0.0)}]
-    for layer in layers:
-        for strength in strengths:
-            if strength == 0:
-                continue
-            table.append(
-                {
-                    "layer": layer,
-                    "strength": float(strength),
-                    "dev_loglik_per_byte": score(layer, strength),
-                }
+    def fidelity(layer: int, strength: float) -> float:
+        shift = LanguageShift(layer, strength, directions_at[layer], central_language)
+        return sum(
+            answer_fidelity(
+                model, tokenizer, shift, lang, dev_prompts[lang], max_new_tokens, batch_size
             )
-    best = max(table, key=lambda row: (row["dev_loglik_per_byte"], -row["strength"], -row["layer"]))
+            for lang in targets
+        ) / len(targets)
+
+    candidates = [(layers[0], 0.0)] + [
+        (layer, float(strength)) for layer in layers for strength in strengths if strength != 0
+    ]
+    table = []
+    for layer, strength in candidates:
+        row = {"layer": layer, "strength": strength, "dev_loglik_per_byte": score(layer, strength)}
+        if criterion == "fidelity":
+            row["dev_fidelity"] = fidelity(layer, strength)
+        table.append(row)
+    if criterion == "likelihood":
+        best = max(table, key=lambda r: (r["dev_loglik_per_byte"], -r["strength"], -r["layer"]))
+        described = "mean dev log-likelihood per byte, target languages"
+    else:
+        floor = table[0]["dev_loglik_per_byte"] - max_likelihood_drop
+        allowed = [r for r in table if r["dev_loglik_per_byte"] >= floor]  # strength 0 always is
+        best = max(
+            allowed,
+            key=lambda r: (
+                r["dev_fidelity"],
+                r["dev_loglik_per_byte"],
+                -r["strength"],
+                -r["layer"],
+            ),
+        )
+        described = (
+            "mean dev fidelity (greedy answers in the prompt's language), target languages, among "
+            f"settings within {max_likelihood_drop} nats/byte of the unshifted dev log-likelihood"
+        )
     return LanguageShift(
         best["layer"],
         best["strength"],
         directions_at[best["layer"]],
         central_language,
-        selection={
-            "criterion": "mean dev log-likelihood per byte, target languages",
-            "grid": table,
-        },
+        selection={"criterion": described, "grid": table},
     )
+
+
+def answer_fidelity(
+    model: nn.Module,
+    tokenizer,
+    shift: LanguageShift,
+    language: str,
+    messages: Sequence[str],
+    max_new_tokens: int = 24,
+    batch_size: int = 8,
+) -> float:
+    """Share of greedy answers to ``messages`` (user turns in ``language``) that are in ``language``
+    under ``shift``, judged as the comparison's fidelity tasks judge them (passages copied from the
+    prompt removed, then language ID)."""
+    from lenssteer.evaluate import detect_language, generate_greedy, strip_copied
+    from lenssteer.extract import format_texts
+
+    template = bool(getattr(tokenizer, "chat_template", None))
+    texts = format_texts(tokenizer, list(messages), template)
+    with shift.steer(model, language):
+        answers = generate_greedy(
+            model, tokenizer, texts, max_new_tokens, batch_size, add_special_tokens=not template
+        )
+    found = [
+        detect_language(strip_copied(answer, message)) == language
+        for answer, message in zip(answers, messages, strict=True)
+    ]
+    return sum(found) / len(found)

@@ -591,6 +591,7 @@ def test_language_shift_system_chosen_on_dev_verses(setup, tokenizer, tmp_path):
                 strengths=[0.5, 4.0],
                 direction_items=4,
                 select_on_dev=3,
+                criterion="likelihood",
             ),
         ],
     )
@@ -616,6 +617,51 @@ def test_language_shift_system_chosen_on_dev_verses(setup, tokenizer, tmp_path):
         if o["metric"] == "loglik_per_byte"
     }
     assert rows[("shift", "bible-likelihood", "en")] == rows[("base", "bible-likelihood", "en")]
+
+
+def test_language_shift_chosen_by_dev_fidelity_within_the_likelihood_limit(setup, tokenizer):
+    """The fidelity criterion: each candidate's dev answers are judged like the fidelity tasks';
+    the best fidelity among settings whose dev likelihood stays within the limit is chosen."""
+    from lenssteer.language_shift import LanguageShift, answer_fidelity, choose_layer_and_strength
+    from lenssteer.task_registry import FIDELITY_INSTRUCTIONS, bible_verse_pairs
+
+    _, model = setup
+    items = bible_verse_pairs(["en", "de"], {"bible:1.1.2", "bible:1.1.3"})
+    prompts = {
+        lang: [f"{FIDELITY_INSTRUCTIONS[lang]}\n\n{item.choices[0]}" for item in rows]
+        for lang, rows in items.items()
+    }
+    hidden = model.config.hidden_size
+    means = {"en": torch.zeros(2, hidden), "de": torch.ones(2, hidden)}
+    kwargs = dict(dev_prompts=prompts, max_new_tokens=3, criterion="fidelity")
+    shift = choose_layer_and_strength(
+        model, tokenizer, means, [1, 2], [0.5, 8.0], items, "en", max_likelihood_drop=0.0, **kwargs
+    )
+    grid = shift.selection["grid"]
+    assert len(grid) == 1 + 2 * 2 and all("dev_fidelity" in row for row in grid)
+    unshifted = grid[0]["dev_loglik_per_byte"]
+    allowed = [row for row in grid if row["dev_loglik_per_byte"] >= unshifted]
+    chosen = next(r for r in grid if (r["layer"], r["strength"]) == (shift.layer, shift.strength))
+    assert chosen in allowed
+    assert chosen["dev_fidelity"] == max(row["dev_fidelity"] for row in allowed)
+    # a row's fidelity is what answer_fidelity says for that setting
+    again = answer_fidelity(
+        model,
+        tokenizer,
+        LanguageShift(shift.layer, shift.strength, shift.directions),
+        "de",
+        prompts["de"],
+        max_new_tokens=3,
+    )
+    assert again == chosen["dev_fidelity"]
+    with pytest.raises(ValueError, match="needs dev prompts"):
+        choose_layer_and_strength(
+            model, tokenizer, means, [1], [0.5], items, "en", criterion="fidelity"
+        )
+    with pytest.raises(ValueError, match="unknown criterion 'best'"):
+        choose_layer_and_strength(
+            model, tokenizer, means, [1], [0.5], items, "en", criterion="best"
+        )
 
 
 def test_language_shift_changes_target_language_scores(setup, tokenizer):
