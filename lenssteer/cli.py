@@ -632,6 +632,7 @@ def _run_train(args: argparse.Namespace) -> int:
         overwrite=args.force or args.resume,
         dtype=args.dtype,
         progress=args.progress,
+        command=command_line(args),
     )
     train = adapter.config.metrics["train"]
     print(

@@ -860,6 +860,7 @@ def train_lens(
     data: TrainingData | None = None,
     subspace_path: str | Path | None = None,
     module_names: ModuleNames | None = None,
+    command: str | None = None,
 ) -> SteeringAdapter:
     """Train a Lens steering adapter on the top layers of ``model`` and save it to ``out_dir``.
 
@@ -867,8 +868,9 @@ def train_lens(
     template decide the representation trained on). ``corpus``: the parallel training items; all
     its languages must be in the subspace. ``resume``: continue from the last checkpoint in
     ``checkpoint_dir`` (default ``<out_dir>.checkpoints``). ``data``: precomputed inputs (from
-    :func:`~lenssteer.training_data.prepare_training_data`) to skip the frozen pass. The model is returned to its original
-    weights afterwards (apply the returned adapter to steer it).
+    :func:`~lenssteer.training_data.prepare_training_data`) to skip the frozen pass.
+    ``command``: the command line that made it, recorded in the adapter's ``metrics``. The model
+    is returned to its original weights afterwards (apply the returned adapter to steer it).
     """
     from transformers import TrainingArguments, set_seed
 
@@ -1013,6 +1015,8 @@ def train_lens(
         )
         # which items trained it: compare keeps them out of every scored task
         adapter_config.training_items = [str(item_id) for item_id in corpus.ids]
+        if command:  # the command line that made it, for reproduction
+            adapter_config.metrics["command"] = command
         adapter_config.metrics["train"] = {
             "global_step": trainer.state.global_step,
             "epochs": trainer.state.epoch,
@@ -1251,6 +1255,7 @@ def train_adapter(
     loaded=None,
     overwrite: bool = True,
     dtype: str | torch.dtype = "float32",
+    command: str | None = None,
 ) -> SteeringAdapter:
     """Load model, subspace folder and corpus by name, train, and save the adapter to ``out``.
 
@@ -1288,4 +1293,5 @@ def train_adapter(
         progress=progress,
         subspace_path=subspace,
         module_names=module_names,
+        command=command,
     )

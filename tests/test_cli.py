@@ -340,7 +340,9 @@ def test_train_layers_top_k_and_no_progress(tiny_folder, corpus_file, tmp_path, 
     assert main([*args, "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "1 steps" in captured.out and "%|" not in captured.err
-    assert SteeringAdapter.from_pretrained(out).config.trained_layers == [3]
+    adapter = SteeringAdapter.from_pretrained(out)
+    assert adapter.config.trained_layers == [3]
+    assert adapter.config.metrics["command"] == shlex.join(["lenssteer", *args, "--no-progress"])
 
 
 # --------------------------------------------------------------------------------------------------
