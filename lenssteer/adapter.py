@@ -740,12 +740,11 @@ def generate(
     ``dtype``: the weights' dtype when the model is loaded here (``"bfloat16"`` decodes faster).
     """
     from lenssteer.evaluate import generate_greedy
-    from lenssteer.extract import format_texts
+    from lenssteer.extract import format_texts, resolve_chat_template
     from lenssteer.models import load_model
 
     tokenizer, lm = loaded if loaded is not None else load_model(model, dtype)
-    if chat_template is None:
-        chat_template = bool(getattr(tokenizer, "chat_template", None))
+    chat_template = resolve_chat_template(tokenizer, chat_template)
     text = format_texts(tokenizer, [prompt], chat_template)[0]
     special = not chat_template
     answers: dict[str, str] = {}

@@ -44,6 +44,7 @@ from lenssteer.evaluate import (
     loglikelihoods,
     strip_copied,
 )
+from lenssteer.extract import resolve_chat_template
 from lenssteer.models import DEFAULT_MODEL, find_decoder_layers, model_identity, resolve_layers
 from lenssteer.report import package_versions, write_report
 from lenssteer.sampling import OverlapError, check_disjoint, sample_ids
@@ -1010,11 +1011,6 @@ def _prepare_task_data(task: Task, config: CompareConfig, limit: int | None) -> 
     raise TaskError(f"task {task.name!r} has an unknown kind {task.kind!r}")
 
 
-def _use_template(tokenizer, wanted: bool | None) -> bool:
-    has = bool(getattr(tokenizer, "chat_template", None))
-    return has if wanted is None else wanted
-
-
 @dataclass
 class _Unit:
     """One slice of work every system runs: a task, a scoring mode, one language (or all, for
@@ -1120,7 +1116,7 @@ def _choices_to_outcomes(task, rows, options, sums, system, language, per_byte_m
 def _retrieval_unit(task: RetrievalTask, texts, tokenizer, model, config) -> _Unit:
     central = config.central_language
     layer = resolve_layers([task.layer], len(find_decoder_layers(model)))[0]
-    template = _use_template(tokenizer, task.chat_template)
+    template = resolve_chat_template(tokenizer, task.chat_template)
 
     def run(scorer, system):
         states = {}
@@ -1158,7 +1154,7 @@ def _generation_units(task: GenerationTask, prompts, tokenizer, config) -> list[
     the memory-bound decoding steps several times cheaper on a CPU."""
     from lenssteer.extract import format_texts
 
-    template = _use_template(tokenizer, None)
+    template = resolve_chat_template(tokenizer, None)
     central = config.central_language
     formatted = {
         language: format_texts(tokenizer, [text for _, text in rows], template)

@@ -174,11 +174,21 @@ class TemplateError(ValueError):
     """A chat template was asked for but the tokenizer has none."""
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer carries a chat template (instruct models do)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_chat_template(tokenizer, chat_template: bool | None = None) -> bool:
+    """``None`` means: use the chat template when the tokenizer has one (instruct models)."""
+    return has_chat_template(tokenizer) if chat_template is None else chat_template
+
+
 def format_texts(tokenizer, texts: Sequence[str], chat_template: bool) -> list[str]:
     """Wrap each text as a user turn plus the generation prompt (as Lens does), or leave it raw."""
     if not chat_template:
         return list(texts)
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise TemplateError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
             "use chat_template=False (CLI: --no-chat-template) for base models"

@@ -249,9 +249,9 @@ def answer_fidelity(
     under ``shift``, judged as the comparison's fidelity tasks judge them (passages copied from the
     prompt removed, then language ID)."""
     from lenssteer.evaluate import detect_language, generate_greedy, strip_copied
-    from lenssteer.extract import format_texts
+    from lenssteer.extract import format_texts, has_chat_template
 
-    template = bool(getattr(tokenizer, "chat_template", None))
+    template = has_chat_template(tokenizer)
     texts = format_texts(tokenizer, list(messages), template)
     with shift.steer(model, language):
         answers = generate_greedy(

@@ -418,7 +418,9 @@ def format_multiple_choice(
         raise ValueError(
             f"item {item.id!r} has {len(item.choices)} options; at most {len(LETTERS)}"
         )
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    from lenssteer.extract import has_chat_template
+
+    has_template = has_chat_template(tokenizer)
     if chat_template is None:
         chat_template = has_template
     if chat_template and not has_template:

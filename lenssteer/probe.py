@@ -11,6 +11,7 @@ from lenssteer.extract import (
     check_representation,
     extract_corpus,
     provenance_of,
+    resolve_chat_template,
 )
 from lenssteer.models import (
     ModuleNames,
@@ -19,13 +20,6 @@ from lenssteer.models import (
     resolve_layers,
 )
 from lenssteer.subspace import Subspace, compute_subspace
-
-
-def resolve_chat_template(tokenizer, chat_template: bool | None) -> bool:
-    """``None`` means: use the chat template when the tokenizer has one (instruct models)."""
-    if chat_template is None:
-        return bool(getattr(tokenizer, "chat_template", None))
-    return chat_template
 
 
 def probe_metadata(

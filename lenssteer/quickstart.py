@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from lenssteer.extract import resolve_chat_template
 from lenssteer.heldout import format_report, heldout_report
 from lenssteer.models import (
     find_decoder_layers,
@@ -101,8 +102,7 @@ def run_quickstart_training(
         use_template = chat_template_of_signature(tokenizer, subspace.metadata.get("template"))
         subspace_layers = subspace.layers
     else:
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        use_template = has_template if chat_template is None else chat_template
+        use_template = resolve_chat_template(tokenizer, chat_template)
         n_total = len(find_decoder_layers(model))
         subspace_layers = list(range(n_total - config.n_layers, n_total))
         if config.representation == "final_norm":  # read at the last layer only

@@ -181,7 +181,9 @@ class MultipleChoiceTask(Task):
                 prompt.text,
             )
         if scoring == "option-text":
-            if getattr(tokenizer, "chat_template", None):
+            from lenssteer.extract import has_chat_template
+
+            if has_chat_template(tokenizer):
                 context = tokenizer.apply_chat_template(
                     [{"role": "user", "content": item.question}],
                     tokenize=False,

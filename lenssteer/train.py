@@ -54,6 +54,7 @@ from lenssteer.adapter import SteeringAdapter, base_model_description
 from lenssteer.extract import (
     RepresentationError,
     check_representation,
+    has_chat_template,
     representation_map,
     template_signature,
 )
@@ -202,7 +203,7 @@ def chat_template_of_signature(tokenizer, signature: str | None) -> bool:
         )
     if signature == "raw":
         return False
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    has_template = has_chat_template(tokenizer)
     actual = template_signature(tokenizer, True) if has_template else "no chat template"
     if actual != signature:
         raise TrainingError(
