@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scored-config", required=True, help="compare TOML of the final comparison (kept apart)"
     )
+    parser.add_argument(
+        "--train-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="frozen weights while training (default float32); the dev comparison runs in its "
+        "config's dtype",
+    )
     parser.add_argument("--max-likelihood-drop", type=float, default=0.005, help="nats per byte")
     parser.add_argument("--max-english-drop", type=float, default=2.0, help="fidelity points")
     parser.add_argument("--out", default=str(ROOT / "runs" / "tune"))
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         scored_item_ids,
     )
     from lenssteer.data import load_corpus
-    from lenssteer.models import load_model
+    from lenssteer.models import cast_model, load_model
     from lenssteer.subspace import Subspace
     from lenssteer.train import (
         QUICKSTART_CONFIG,
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     progress = not args.no_progress
     out = Path(args.out)
-    tokenizer, model = load_model(args.model, dev.dtype)
+    tokenizer, model = load_model(args.model, args.train_dtype)
     loaded_subspaces = {path: Subspace.load(path) for path in dict.fromkeys(subspaces)}
     languages = args.languages.split(",") if args.languages else None
 
@@ -258,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     if only is not None:
         print(f"trained {sorted(only)}; run again without --only for the comparison")
         return 0
+    if dev.dtype != args.train_dtype:  # score in the dev config's dtype (e.g. bf16: faster)
+        cast_model(model, dev.dtype)
     scored = scored_item_ids(final)
     dev.exclude_items = sorted({i for ids in scored.values() for i in ids})
     dev.systems = systems
