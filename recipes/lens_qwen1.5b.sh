@@ -7,8 +7,9 @@
 #      ~/.cache/lenssteer/models (6.7 GB), about 3 min and 14.4 GB peak memory the first time; every
 #      later step peaks near 11 GB: the weights are read in float32, then cast to bfloat16);
 #   2. probes at the final norm on the parallel instruction prompts (200 items);
-#   3. recipes/tune_lens.py trains three configurations (the scale-free preset, push weight 1, four
-#      layers) and chooses on dev items (recipes/tune_lens_qwen1.5b.toml), never on scored ones;
+#   3. recipes/tune_lens.py trains (in bfloat16, as everything here) three configurations (the
+#      scale-free preset, push weight 1, four layers) and chooses on dev items
+#      (recipes/tune_lens_qwen1.5b.toml), never on scored ones;
 #      the choice is shipped to runs/lens-qwen1.5b/adapter. If none gains fidelity within the
 #      constraints (likely: this model already answers in the prompt's language), the preset's
 #      adapter is shipped instead, with the dev ids recorded, and the recipe says so;
@@ -36,7 +37,7 @@ languages=en,de,es,fr,it
 rm -f "$out/tune/tune.json"
 status=0
 .venv/bin/python recipes/tune_lens.py --model "$model" --subspace "$out/subspace" \
-  --corpus instructions --languages "$languages" --limit 200 \
+  --corpus instructions --languages "$languages" --limit 200 --train-dtype bfloat16 \
   --dev-config recipes/tune_lens_qwen1.5b.toml --scored-config recipes/compare_lens_qwen1.5b.toml \
   --configs '[{}, {"push_weight": 1}, {"n_layers": 4}]' --out "$out/tune" --ship "$out/adapter" \
   || status=$?
