@@ -8,7 +8,9 @@ scores and, per adapter, its training items. The geometric report of training is
 the choice is made on what a user sees:
 
 * **gain**: the target languages' average fidelity difference to the base model (answers in the
-  prompt's language), averaged over the dev config's fidelity tasks;
+  prompt's language), averaged over the dev config's fidelity tasks (``--criterion
+  loglik_per_byte``: the target text likelihood's instead, for a model that already answers in the
+  prompt's language; target fidelity is then a constraint too);
 * **constraints**: the target languages' held-out text log-likelihood per byte may not fall by
   more than ``--max-likelihood-drop`` nats per byte, and English fidelity may not fall by more than
   ``--max-english-drop`` points nor English likelihood by more than ``--max-likelihood-drop``.
@@ -75,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="frozen weights while training (default float32); the dev comparison runs in its "
         "config's dtype",
     )
+    parser.add_argument(
+        "--criterion",
+        choices=[FIDELITY, LIKELIHOOD],
+        default=FIDELITY,
+        help="what to gain: target fidelity (default) or target text likelihood (for a model "
+        "that already answers in the prompt's language)",
+    )
     parser.add_argument("--max-likelihood-drop", type=float, default=0.005, help="nats per byte")
     parser.add_argument("--max-english-drop", type=float, default=2.0, help="fidelity points")
     parser.add_argument("--out", default=str(ROOT / "runs" / "tune"))
@@ -117,21 +126,27 @@ def dev_rows(document: dict[str, Any], systems: list[str], central: str) -> list
     return rows
 
 
-def judge(row: dict[str, Any], max_likelihood_drop: float, max_english_drop: float) -> None:
-    """Add the gain (mean target fidelity difference) and the constraints a row breaks."""
-    fidelity = [c["diff"] for c in row["targets"].values() if c["metric"] == FIDELITY]
-    row["gain"] = sum(fidelity) / len(fidelity) if fidelity else float("nan")
+def judge(
+    row: dict[str, Any],
+    max_likelihood_drop: float,
+    max_english_drop: float,
+    criterion: str = FIDELITY,
+) -> None:
+    """Add the gain and the constraints a row breaks. ``criterion``: ``fidelity`` (gain = mean
+    target fidelity difference, points) or ``loglik_per_byte`` (gain = mean target text
+    likelihood difference, nats per byte; then target fidelity may not fall by more than
+    ``max_english_drop`` points either): for a model that already answers in the prompt's
+    language, where there is no fidelity to gain."""
+    gains = [c["diff"] for c in row["targets"].values() if c["metric"] == criterion]
+    row["gain"] = sum(gains) / len(gains) if gains else float("nan")
     broken = []
     for where, cells in (("targets", row["targets"]), ("central", row["central"])):
         for task, cell in cells.items():
             if cell["metric"] == LIKELIHOOD and cell["diff"] < -max_likelihood_drop:
                 broken.append(f"{where} {task} {cell['diff']:+.4f} nats/byte")
-            if (
-                where == "central"
-                and cell["metric"] == FIDELITY
-                and cell["diff"] < -max_english_drop
-            ):
-                broken.append(f"central {task} {cell['diff']:+.1f} points")
+            guarded = where == "central" or criterion != FIDELITY
+            if guarded and cell["metric"] == FIDELITY and cell["diff"] < -max_english_drop:
+                broken.append(f"{where} {task} {cell['diff']:+.1f} points")
     row["broken"] = broken
 
 
@@ -279,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     for row, overrides, path in zip(rows, overrides_list, subspaces, strict=True):
         row["overrides"] = overrides
         row["subspace"] = str(path)
-        judge(row, args.max_likelihood_drop, args.max_english_drop)
+        judge(row, args.max_likelihood_drop, args.max_english_drop, args.criterion)
     chosen = choose(rows)
     dev_ids = sorted({i for o in document["outcomes"] for i in o["item_ids"]})
     result = {
@@ -287,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "scored_config": args.scored_config,
         "dev_items": len(dev_ids),
         "criterion": {
-            "gain": "mean target fidelity difference to base (points), over fidelity tasks",
+            "gain": f"mean target {args.criterion} difference to base, over its tasks",
             "max_likelihood_drop": args.max_likelihood_drop,
             "max_english_drop": args.max_english_drop,
         },
@@ -297,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "tune.json").write_text(json.dumps(result, indent=1))
     print(format_table(rows, chosen))
     if chosen is None:
-        print("no configuration gained fidelity within the constraints; nothing chosen")
+        print(f"no configuration gained {args.criterion} within the constraints; nothing chosen")
         return 1 if args.ship else 0
     print(f"chosen: {chosen['system']} {json.dumps(chosen['overrides'])}")
     if args.ship:

@@ -58,6 +58,21 @@ def test_the_largest_fidelity_gain_within_the_constraints_is_chosen(tune):
     assert "<- chosen" in tune.format_table(rows, tune.choose(rows)).splitlines()[2]
 
 
+def test_the_likelihood_criterion_guards_target_fidelity(tune):
+    doc = document(
+        {
+            "a": {"targets": (0.0, 0.004), "en": (0.0, 0.0)},
+            "b": {"targets": (-0.05, 0.01), "en": (0.0, 0.0)},  # more likely text, fewer answers
+        }
+    )
+    rows = tune.dev_rows(doc, ["a", "b"], "en")
+    for row in rows:
+        tune.judge(row, 0.005, 2.0, criterion="loglik_per_byte")
+    assert rows[0]["gain"] == pytest.approx(0.004)
+    assert rows[1]["broken"] == ["targets language-fidelity -5.0 points"]
+    assert tune.choose(rows)["system"] == "a"
+
+
 def test_nothing_is_chosen_without_a_gain(tune):
     doc = document({"a": {"targets": (0.0, 0.0), "en": (0.0, 0.0)}})
     rows = tune.dev_rows(doc, ["a"], "en")
