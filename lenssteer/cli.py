@@ -550,7 +550,7 @@ def _add_train(subparsers) -> None:
     )
     parser.add_argument(
         "--preset",
-        choices=["lens", "quickstart", "scale-free"],
+        choices=["lens", "quickstart", "scale-free"],  # lenssteer.train.PRESETS
         default="lens",
         help="starting hyper-parameters, each overridable below: 'lens' = the paper's (weights "
         "1/1/1, alpha 1, lr 1e-4, 1 epoch); 'quickstart' = tuned on the bundled Qwen2.5 (pull "
@@ -590,7 +590,7 @@ def _add_train(subparsers) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from lenssteer.compare import subspace_representation
-    from lenssteer.train import QUICKSTART_CONFIG, SCALE_FREE_CONFIG, TrainConfig, train_adapter
+    from lenssteer.train import PRESETS, train_adapter
 
     overrides = {
         "learning_rate": args.lr,
@@ -607,9 +607,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "representation": args.representation or subspace_representation(args.subspace),
         "normalization": args.normalization,
     }
-    base = {"quickstart": QUICKSTART_CONFIG, "scale-free": SCALE_FREE_CONFIG}.get(
-        args.preset, TrainConfig()
-    )
+    base = PRESETS[args.preset]
     config = dataclasses.replace(
         base,
         kind=args.kind,

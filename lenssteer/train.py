@@ -78,6 +78,7 @@ from lenssteer.training_data import TrainingData, TrainingError, prepare_trainin
 
 __all__ = [
     "KINDS",
+    "PRESETS",
     "QUICKSTART_CONFIG",
     "SCALE_FREE_CONFIG",
     "LensTrainingModule",
@@ -1234,6 +1235,13 @@ SCALE_FREE_CONFIG = dataclasses.replace(
     push_weight=3.0,
     retain_weight=2.0,
 )
+
+# The named starting points (CLI --preset): "lens" is TrainConfig's defaults, the paper's settings.
+PRESETS: dict[str, TrainConfig] = {
+    "lens": TrainConfig(),
+    "quickstart": QUICKSTART_CONFIG,
+    "scale-free": SCALE_FREE_CONFIG,
+}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from lenssteer.models import cast_model, load_model
     from lenssteer.subspace import Subspace
     from lenssteer.train import (
-        QUICKSTART_CONFIG,
-        SCALE_FREE_CONFIG,
+        PRESETS,
         TrainingError,
         resolve_training_layers,
         train_lens,
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from lenssteer.training_data import TrainingData
 
-    preset = {"scale-free": SCALE_FREE_CONFIG, "quickstart": QUICKSTART_CONFIG}[args.preset]
+    preset = PRESETS[args.preset]
     try:
         overrides_list = json.loads(args.configs)
         subspaces = [o.pop(SUBSPACE_KEY, args.subspace) for o in overrides_list]

@@ -124,7 +124,7 @@ def test_help_explains_every_command(capsys):
 @pytest.mark.parametrize("preset", ["lens", "quickstart", "scale-free"])
 def test_train_presets_and_overrides(tiny_folder, corpus_file, tmp_path, capsys, preset):
     from lenssteer.adapter import SteeringAdapter
-    from lenssteer.train import QUICKSTART_CONFIG, SCALE_FREE_CONFIG, TrainConfig
+    from lenssteer.train import PRESETS
 
     subspace = tmp_path / "sub"
     assert main(probe_args(tiny_folder, corpus_file, "--layers=top:2", "--out", str(subspace))) == 0
@@ -151,8 +151,7 @@ def test_train_presets_and_overrides(tiny_folder, corpus_file, tmp_path, capsys,
     assert main(args) == 0
     assert "1 steps" in capsys.readouterr().out
     hyper = SteeringAdapter.from_pretrained(out).config.hyperparameters
-    presets = {"quickstart": QUICKSTART_CONFIG, "scale-free": SCALE_FREE_CONFIG}
-    expected = presets.get(preset, TrainConfig())
+    expected = PRESETS[preset]
     assert hyper["alpha"] == 0.5  # the flag overrides the preset
     for name in ("pull_weight", "retain_weight", "learning_rate", "pull_space", "normalization"):
         assert hyper[name] == getattr(expected, name), name
@@ -405,3 +404,16 @@ def test_bench_finds_the_scripts_or_says_how_to_get_them(tmp_path, capsys):
     err = _error_of(["bench", "--quick", "--benchmarks", str(tmp_path)], capsys)
     assert str(tmp_path) in err and "inside a clone of the lenssteer repository" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_cli_offers_every_training_preset():
+    from lenssteer.cli import build_parser
+    from lenssteer.train import PRESETS
+
+    args = build_parser().parse_args(["train", "--subspace", "s", "--out", "a"])
+    assert args.preset == "lens"
+    for name in PRESETS:
+        parsed = build_parser().parse_args(
+            ["train", "--subspace", "s", "--out", "a", "--preset", name]
+        )
+        assert parsed.preset == name
