@@ -550,13 +550,14 @@ def _add_train(subparsers) -> None:
     )
     parser.add_argument(
         "--preset",
-        choices=["lens", "quickstart", "scale-free"],  # lenssteer.train.PRESETS
+        choices=["lens", "quickstart", "scale-free", "instructions"],  # lenssteer.train.PRESETS
         default="lens",
         help="starting hyper-parameters, each overridable below: 'lens' = the paper's (weights "
         "1/1/1, alpha 1, lr 1e-4, 1 epoch); 'quickstart' = tuned on the bundled Qwen2.5 (pull "
         "100, push 1, retain 3, alpha 0.3, lr 3e-3, 4 epochs; docs/training.md); 'scale-free' = "
         "the quickstart with scale-free loss units (pull 1, push 3, retain 2), meant for any "
-        "model. Default: lens",
+        "model; 'instructions' = chosen on SmolLM2's dev items for the instruction corpora "
+        "(docs/lens-study.md; scale-free units, after the final norm). Default: lens",
     )
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--epochs", type=float, help="epochs over the items")

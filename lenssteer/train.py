@@ -1236,11 +1236,16 @@ SCALE_FREE_CONFIG = dataclasses.replace(
     retain_weight=2.0,
 )
 
+# Chosen on SmolLM2-135M-Instruct's dev items by recipes/tune_lens.py (docs/lens-study.md): Lens'
+# representation (after the final norm) in scale-free units, for the parallel instruction prompts.
+INSTRUCTIONS_CONFIG = dataclasses.replace(SCALE_FREE_CONFIG, representation="final_norm")
+
 # The named starting points (CLI --preset): "lens" is TrainConfig's defaults, the paper's settings.
 PRESETS: dict[str, TrainConfig] = {
     "lens": TrainConfig(),
     "quickstart": QUICKSTART_CONFIG,
     "scale-free": SCALE_FREE_CONFIG,
+    "instructions": INSTRUCTIONS_CONFIG,
 }
 
 

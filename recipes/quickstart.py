@@ -1,18 +1,22 @@
-"""Quickstart: probe -> train a Lens LoRA adapter -> check it on held-out verses -> compare systems.
+"""Quickstart: probe -> train a Lens LoRA adapter -> check it on held-out items -> compare systems.
 
-On the default bundled model (qwen2.5-coder-0.5b-instruct), with public-domain Bible verses in
-English and four target languages:
+By default on the English-centric bundled model (smollm2-135m-instruct, which answers a share of
+target-language prompts in another language: what Lens is for), with parallel instruction prompts
+in English and four target languages and the preset chosen on dev items in docs/lens-study.md
+(``--preset``; ``--model qwen2.5-coder-0.5b-instruct --corpus bible --preset quickstart`` is the
+earlier quickstart on the default model):
 
-1. one frozen pass over the training verses gives the inputs of the top 2 layers and their frozen
-   last-token states; the language subspace of those layers is computed from the same states
-   (the probe, no second pass) and its diagnostics printed;
+1. one frozen pass over the training items gives the inputs of the top 2 layers and their frozen
+   last-token states; the language subspace is computed from the same states (the probe, no second
+   pass) and its diagnostics printed;
 2. a LoRA adapter is trained on the top 2 layers (pull / push / retain, the fast path);
-3. on held-out verses (never seen by the probe or the training): the agnostic gap to English, the
+3. on held-out items (never seen by the probe or the training): the agnostic gap to English, the
    movement along each language's direction, the drift of English states, English -> target
-   retrieval, before and after;
+   retrieval, before and after (a diagnostic);
 4. the same prompts answered by the base model and with the adapter;
-5. (unless --skip-compare) `lenssteer compare` with recipes/compare_quickstart.toml, using this
-   run's adapter: base vs Lens vs XTransplant vs a subspace baseline on four task kinds.
+5. (unless --skip-compare) `lenssteer compare` with the model's quickstart config
+   (recipes/compare_quickstart_smollm2.toml, or recipes/compare_quickstart.toml on the default
+   model), using this run's adapter: what a user sees, on scored items it was not trained on.
 
 Everything lands in --out (default runs/quickstart). --ship also copies the adapter to checkpoints/
 and the subspace it was trained with to subspaces/.
@@ -31,8 +35,20 @@ prefer_passive_waiting()  # OMP_WAIT_POLICY=PASSIVE unless set, before torch loa
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LANGUAGES = "en,de,es,fr,it"  # the MMLU translations of compare have de, es, fr, it
-SHIPPED_ADAPTER = ROOT / "checkpoints" / "qwen2.5-coder-0.5b-instruct-lens-quickstart"
-SHIPPED_SUBSPACE = ROOT / "subspaces" / "qwen2.5-coder-0.5b-instruct-bible-quickstart"
+COMPARE_CONFIGS = {  # the comparison the quickstart runs, per model
+    "smollm2-135m-instruct": ROOT / "recipes" / "compare_quickstart_smollm2.toml",
+    "qwen2.5-coder-0.5b-instruct": ROOT / "recipes" / "compare_quickstart.toml",
+}
+
+
+def shipped_paths(model: str, corpus: str) -> tuple[Path, Path]:
+    """Where --ship puts the adapter and its subspace."""
+    return (
+        ROOT / "checkpoints" / f"{model}-lens-quickstart",
+        ROOT / "subspaces" / f"{model}-{corpus}-quickstart",
+    )
+
+
 TRY_PROMPTS = [
     "Qual è la capitale del Giappone? Rispondi in una frase.",
     "Quelle est la capitale de l'Australie ? Réponds en une phrase.",
@@ -45,7 +61,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help=f"bundled model (default: smollm2-135m-instruct); the comparison step knows "
+        f"{', '.join(COMPARE_CONFIGS)}",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["instructions", "scale-free", "quickstart"],  # lenssteer.train.PRESETS
+        default="instructions",
+        help="training settings (lenssteer.train.PRESETS): 'instructions' = chosen on SmolLM2's "
+        "dev items (docs/lens-study.md; final norm, scale-free units); 'quickstart' = the earlier "
+        "preset tuned on the geometric report on the default model (default: instructions)",
+    )
     parser.add_argument("--languages", default=DEFAULT_LANGUAGES, help="central first")
     parser.add_argument("--train-items", type=int, default=200, help="parallel verses to train on")
     parser.add_argument("--heldout-items", type=int, default=100, help="held-out verses to check")
@@ -57,31 +86,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--corpus",
         choices=["bible", "instructions", "mmlu-open", "verse-instructions"],
-        default="bible",
-        help="training prompts: public-domain verses ('bible', default) or parallel instructions "
-        "(lenssteer.instructions: MMLU training-split questions asked openly, instructions about "
-        "verses, or both); --train-items/--heldout-items split them the same way",
+        default="instructions",
+        help="training prompts: parallel instructions ('instructions', default: MMLU "
+        "training-split questions asked openly and instructions about verses; or one of the two), "
+        "or public-domain verses ('bible'); --train-items/--heldout-items split them the same way",
     )
     parser.add_argument(
         "--ship",
         action="store_true",
-        help=f"copy the adapter to {SHIPPED_ADAPTER.relative_to(ROOT)} and its subspace to "
-        f"{SHIPPED_SUBSPACE.relative_to(ROOT)}",
+        help="copy the adapter to checkpoints/<model>-lens-quickstart and its subspace to "
+        "subspaces/<model>-<corpus>-quickstart",
     )
     return parser.parse_args(argv)
 
 
-def ship(out: Path, subspace) -> None:
+def ship(out: Path, subspace, model: str, corpus: str) -> None:
     """Copy the adapter and its subspace to checkpoints/ and subspaces/, with repo-relative links."""
     from lenssteer.adapter import SteeringAdapter
 
-    subspace.save(SHIPPED_SUBSPACE)
+    shipped_adapter, shipped_subspace = shipped_paths(model, corpus)
+    subspace.save(shipped_subspace)
     adapter = SteeringAdapter.from_pretrained(out / "adapter")
-    adapter.config.subspace["path"] = str(SHIPPED_SUBSPACE.relative_to(ROOT))
-    adapter.save_pretrained(SHIPPED_ADAPTER)
+    adapter.config.subspace["path"] = str(shipped_subspace.relative_to(ROOT))
+    adapter.save_pretrained(shipped_adapter)
     print(
-        f"[quickstart] shipped {SHIPPED_ADAPTER.relative_to(ROOT)} and its subspace "
-        f"{SHIPPED_SUBSPACE.relative_to(ROOT)}"
+        f"[quickstart] shipped {shipped_adapter.relative_to(ROOT)} and its subspace "
+        f"{shipped_subspace.relative_to(ROOT)}"
     )
 
 
@@ -92,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from lenssteer.models import load_model
     from lenssteer.probe import format_diagnostics
     from lenssteer.quickstart import quickstart_corpora, run_quickstart_training
+    from lenssteer.train import PRESETS
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -118,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         train,
         heldout,
         out / "adapter",
+        config=PRESETS[args.preset],
         subspace_out=out / "subspace",
     )
     print("\n## Probe: language subspaces of the trained layers (from the training verses)\n")
@@ -156,15 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n\nTimings (s): {timings}\n",
     )
     if args.ship:
-        ship(out, result["subspace"])
+        ship(out, result["subspace"], args.model, args.corpus)
 
-    if not args.skip_compare:
+    if not args.skip_compare and args.model not in COMPARE_CONFIGS:
+        print(f"[quickstart] no comparison config for {args.model}; skipping the comparison")
+    elif not args.skip_compare:
         from lenssteer.cli import main as lenssteer_main
 
         compare_args = [
             "compare",
             "--config",
-            str(ROOT / "recipes" / "compare_quickstart.toml"),
+            str(COMPARE_CONFIGS[args.model]),
             "--adapter",
             str(out / "adapter"),
             "--out",

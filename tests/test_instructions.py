@@ -131,5 +131,5 @@ def test_quickstart_can_train_on_instructions():
     spec = importlib.util.spec_from_file_location("quickstart_recipe", path)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    assert recipe.parse_args([]).corpus == "bible"  # the default is unchanged
+    assert recipe.parse_args([]).corpus == "instructions"  # the default since issue 15
     assert recipe.parse_args(["--corpus", "instructions"]).corpus == "instructions"
