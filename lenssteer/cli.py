@@ -557,7 +557,8 @@ def _add_train(subparsers) -> None:
         "100, push 1, retain 3, alpha 0.3, lr 3e-3, 4 epochs; docs/training.md); 'scale-free' = "
         "the quickstart with scale-free loss units (pull 1, push 3, retain 2), meant for any "
         "model; 'instructions' = chosen on SmolLM2's dev items for the instruction corpora "
-        "(docs/lens-study.md; scale-free units, after the final norm). Default: lens",
+        "(docs/lens-study.md; scale-free units, after the final norm, push 3 and retain 2, no "
+        "pull). Default: lens",
     )
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--epochs", type=float, help="epochs over the items")
