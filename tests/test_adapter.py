@@ -276,3 +276,36 @@ def test_not_an_adapter_folder(tmp_path):
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
         SteeringAdapter.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_the_shipped_smollm2_adapter_fits_its_model_and_subspace(tmp_path):
+    """checkpoints/smollm2-135m-instruct-lens (made by recipes/lens_smollm2.sh) loads onto the
+    bundled model, names a shipped subspace that fits it, records what it was trained and chosen on,
+    changes the top layers only while applied, and survives save -> load with identical outputs."""
+    from pathlib import Path
+
+    from lenssteer.models import load_model
+    from lenssteer.subspace import Subspace
+
+    root = Path(__file__).resolve().parent.parent
+    adapter = SteeringAdapter.from_pretrained(root / "checkpoints" / "smollm2-135m-instruct-lens")
+    tokenizer, model = load_model("smollm2-135m-instruct")
+    adapter.check_base_model(model)
+    subspace = Subspace.load(root / adapter.config.subspace["path"])
+    subspace.check_fits(model)
+    assert subspace.metadata["representation"] == "final_norm"
+    assert adapter.config.hyperparameters["pull_weight"] == 0.0  # the setting chosen on dev items
+    assert len(adapter.config.training_items) == 300 and adapter.config.selection_items
+    assert not set(adapter.config.training_items) & set(adapter.config.selection_items)
+    ids = tokenizer("Erkläre kurz, warum der Himmel blau ist.", return_tensors="pt")
+    with torch.no_grad():
+        base = model(**ids).logits
+        with adapter.apply(model):
+            steered = model(**ids).logits
+        again = model(**ids).logits
+    assert not torch.equal(base, steered) and torch.equal(base, again)
+    adapter.save_pretrained(tmp_path / "copy")
+    with torch.no_grad(), SteeringAdapter.from_pretrained(tmp_path / "copy").apply(model):
+        assert torch.equal(model(**ids).logits, steered)
