@@ -162,14 +162,8 @@ def check_output_folder(
     below a file).
     """
     path = Path(path)
-    _refuse_foreign(path, marker, what)
-    if (path / marker).is_file() and not overwrite:
-        raise OutputFolderError(
-            f"output folder {path} already holds a {what}; pass --force to replace it (or choose "
-            "another output folder)"
-        )
     target = path.resolve()
-    for source in inputs:
+    for source in inputs:  # first: the most precise reason ("train --subspace X --out X")
         if source is None or not Path(source).exists():
             continue
         resolved = Path(source).resolve()
@@ -178,6 +172,12 @@ def check_output_folder(
                 f"output folder {path} would overwrite the input {source}; choose another output "
                 "folder"
             )
+    _refuse_foreign(path, marker, what)
+    if (path / marker).is_file() and not overwrite:
+        raise OutputFolderError(
+            f"output folder {path} already holds a {what}; pass --force to replace it (or choose "
+            "another output folder)"
+        )
     check_writable(path)
     return path
 
