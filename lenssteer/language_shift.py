@@ -202,8 +202,12 @@ def choose_layer_and_strength(
     candidates = [(layers[0], 0.0)] + [
         (layer, float(strength)) for layer in layers for strength in strengths if strength != 0
     ]
+    from tqdm.auto import tqdm
+
     table = []
-    for layer, strength in candidates:
+    for layer, strength in tqdm(
+        candidates, desc="language-shift: choosing on dev", unit="setting", disable=not progress
+    ):
         row = {"layer": layer, "strength": strength, "dev_loglik_per_byte": score(layer, strength)}
         if criterion == "fidelity":
             row["dev_fidelity"] = fidelity(layer, strength)
