@@ -193,3 +193,62 @@ def scaling(
                 )
             )
     return rows, list(table.values())
+
+
+def _parse_points(text: str) -> list[tuple[int, int]]:
+    points = []
+    for part in text.split(","):
+        items, _, languages = part.strip().partition("x")
+        if not (items.isdigit() and languages.isdigit()):
+            raise SystemExit(f"bad point {part!r}: write ITEMSxLANGUAGES, e.g. 250x5")
+        points.append((int(items), int(languages)))
+    return points
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Scaling at chosen sizes, on its own (run.py's section uses small sizes)."""
+    import argparse
+    import json
+
+    from bench_common import load_average
+
+    from lenssteer.models import DEFAULT_MODEL, load_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--points",
+        default="250x5,500x5,1000x5",
+        help="ITEMSxLANGUAGES,...: each doubling is compared with the point it doubles",
+    )
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--train", action="store_true", help="also time precompute and an epoch")
+    parser.add_argument("--json", help="write the table here")
+    args = parser.parse_args(argv)
+    points = _parse_points(args.points)
+    tokenizer, model = load_model(args.model, dtype=args.dtype)
+    before = load_average()
+    rows, table = scaling(model, tokenizer, rounds=args.rounds, points=points, train=args.train)
+    after = load_average()
+    for row in rows:
+        print(f"{row.name}: {row.note} ({'met' if row.met else 'not met'})")
+    for entry in table:
+        print(
+            f"{entry['items']}x{entry['languages']}: {entry['texts']} texts, {entry['tokens']} "
+            f"tokens, extraction {entry['extract_best_s']:.2f} s"
+            + (f", epoch {entry['train_best_s']:.2f} s" if entry.get("train_best_s") else "")
+        )
+    print(f"model {args.model} ({args.dtype}); load average {before} -> {after}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"model": args.model, "dtype": args.dtype, "table": table, "load": [before, after]},
+                indent=1,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
