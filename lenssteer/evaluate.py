@@ -34,7 +34,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lenssteer.forward import cache_in_call, hidden_states_of_call
+from lenssteer.forward import (
+    cache_in_call,
+    hidden_states_of_call,
+    input_dtype,
+    pack_continuations,
+    packable_length,
+    packing_works,
+)
 from lenssteer.hooks import position_ids_from_mask
 from lenssteer.models import ModuleNames, find_decoder_layers, pad_token_id
 
@@ -148,13 +155,14 @@ def _forward_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
     keep: int,
 ) -> torch.Tensor:
     """Logits of the last ``keep`` positions (all positions if ``keep == 0``). ``(b, keep|seq, V)``."""
     kwargs: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "position_ids": position_ids_from_mask(attention_mask),
+        "position_ids": position_ids,
         "use_cache": False,
     }
     if keep:
@@ -164,6 +172,44 @@ def _forward_logits(
             pass
     logits = model(**kwargs).logits
     return logits[:, -keep:] if keep else logits
+
+
+def _row_inputs(
+    rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    pad_id: int,
+    padding_side: PaddingSide,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[list[range]]]:
+    """Model inputs of ``(context, blocks)`` rows: a plain 2D mask when no row has a block."""
+    if any(block for _, blocks in rows for block in blocks):
+        packed = pack_continuations(rows, pad_id, dtype, padding_side)
+        return (
+            packed.input_ids,
+            packed.attention_mask,
+            packed.position_ids,
+            packed.context_end,
+            packed.block_columns,
+        )
+    ids, mask = _pad([context for context, _ in rows], pad_id, padding_side)
+    width = ids.shape[1]
+    ends = [width - 1 if padding_side == "left" else len(c) - 1 for c, _ in rows]
+    columns = [
+        [range(end + 1, end + 1)] * len(blocks) for end, (_, blocks) in zip(ends, rows, strict=True)
+    ]
+    return ids, mask, position_ids_from_mask(mask), ends, columns
+
+
+@dataclass
+class _Row:
+    """One model input: a context and the continuation blocks packed after it, each with the
+    requests it scores."""
+
+    context: tuple[int, ...]
+    blocks: list[tuple[tuple[int, ...], list[int]]]
+
+    @property
+    def length(self) -> int:
+        return len(self.context) + sum(len(block) for block, _ in self.blocks)
 
 
 @torch.no_grad()
@@ -178,9 +224,13 @@ def loglikelihoods(
 ) -> list[tuple[float, int]]:
     """``(sum of log-probs, number of tokens)`` of each request's continuation given its context.
 
-    The model sees ``context + continuation[:-1]``; identical inputs (e.g. the same question with
-    different one-token options) are run once. Batches are sorted by length to keep padding small,
-    and results come back in request order. Log-softmax is taken in float32.
+    Each continuation is scored as the model sees ``context + continuation[:-1]``. Requests that
+    share a context share one row: the context runs once and each distinct continuation follows
+    it as its own block, masked from the others (:func:`lenssteer.forward.pack_continuations`;
+    four MMLU options cost one forward pass, not four). Where the model does not honour such a
+    mask, or a row would outgrow a sliding window, identical inputs are still run once. Batches
+    are sorted by length to keep padding small, and results come back in request order.
+    Log-softmax is taken in float32.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -188,35 +238,51 @@ def loglikelihoods(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     encoded = encode_requests(tokenizer, requests)
     pad_id = pad_token_id(tokenizer)
-    # Group requests by the exact model input.
-    groups: dict[tuple[int, ...], list[int]] = {}
+    pack = packing_works(model)
+    window = packable_length(model)
+    # context -> block (the continuation minus its last token) -> the requests scored from it
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
     for index, request in enumerate(encoded):
-        model_input = (request.context + request.continuation)[:-1]
-        groups.setdefault(model_input, []).append(index)
-    inputs = sorted(groups, key=len, reverse=True)  # longest first: memory problems show early
+        context, block = request.context, request.continuation[:-1]
+        if not pack:  # one row per exact model input
+            context, block = context + block, ()
+        groups.setdefault(context, {}).setdefault(block, []).append(index)
+    rows: list[_Row] = []
+    for context, blocks in groups.items():
+        if window is not None and len(context) + sum(map(len, blocks)) > window:
+            rows.extend(_Row(context + block, [((), indices)]) for block, indices in blocks.items())
+        else:
+            rows.append(_Row(context, list(blocks.items())))
+    # Packed rows and plain rows go in separate batches (a plain row may be longer than a window
+    # and needs the model's own masks); longest first, so memory problems show early.
+    chunks = []
+    for packed in (True, False):
+        kind = [row for row in rows if any(block for block, _ in row.blocks) == packed]
+        kind.sort(key=lambda row: row.length, reverse=True)
+        chunks += [kind[start : start + batch_size] for start in range(0, len(kind), batch_size)]
     device = next(model.parameters()).device
+    dtype = input_dtype(model)
     results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     with tqdm(total=len(encoded), desc=description, unit="req", disable=not progress) as bar:
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start : start + batch_size]
-            ids, mask = _pad(chunk, pad_id, padding_side)
-            longest_continuation = max(
-                len(encoded[i].continuation) for row in chunk for i in groups[row]
+        for chunk in chunks:
+            layout = [(row.context, [block for block, _ in row.blocks]) for row in chunk]
+            ids, mask, positions, ends, columns = _row_inputs(layout, pad_id, padding_side, dtype)
+            needed = []  # (request, row, the columns whose logits predict its continuation)
+            for r, (row, end, block_columns) in enumerate(zip(chunk, ends, columns, strict=True)):
+                for (_, indices), cols in zip(row.blocks, block_columns, strict=True):
+                    for index in indices:
+                        head = len(encoded[index].continuation) - len(cols)  # from the context
+                        needed.append((index, r, [*range(end - head + 1, end + 1), *cols]))
+            keep = ids.shape[1] - min(cols[0] for _, _, cols in needed)
+            logits = _forward_logits(
+                model, ids.to(device), mask.to(device), positions.to(device), keep
             )
-            keep = longest_continuation if padding_side == "left" else 0
-            logits = _forward_logits(model, ids.to(device), mask.to(device), keep)
-            for row_index, row in enumerate(chunk):
-                end = logits.shape[1] if padding_side == "left" else len(row)
-                for request_index in groups[row]:
-                    target = encoded[request_index].continuation
-                    n = len(target)
-                    row_logits = logits[row_index, end - n : end].float()
-                    log_probs = torch.log_softmax(row_logits, dim=-1)
-                    picked = log_probs.gather(
-                        -1, torch.tensor(target, device=log_probs.device).unsqueeze(-1)
-                    )
-                    results[request_index] = (float(picked.sum()), n)
-                bar.update(len(groups[row]))
+            offset = ids.shape[1] - logits.shape[1]
+            for index, r, cols in needed:
+                target = torch.tensor(encoded[index].continuation, device=logits.device)
+                log_probs = torch.log_softmax(logits[r, [c - offset for c in cols]].float(), -1)
+                results[index] = (float(log_probs.gather(-1, target[:, None]).sum()), len(target))
+            bar.update(len(needed))
     return results
 
 
@@ -242,6 +308,7 @@ class LowerLayerReplay:
     def __init__(
         self, model: nn.Module, first_changed_layer: int, module_names: ModuleNames | None = None
     ) -> None:
+        self.model = model
         self.layers = find_decoder_layers(model, module_names)
         if not 0 < first_changed_layer < len(self.layers):
             raise ValueError(
@@ -256,6 +323,7 @@ class LowerLayerReplay:
     def record(self) -> Iterator[None]:
         """Store the boundary layer's output of every forward call in the block."""
         self.outputs = []
+        packing_works(self.model)  # its own forward calls happen now, not inside the record
 
         def keep(_module: nn.Module, _args: Any, output: Any) -> None:
             if isinstance(output, torch.Tensor):

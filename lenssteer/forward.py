@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -29,6 +31,10 @@ __all__ = [
     "cache_keyword",
     "cache_of_output",
     "hidden_states_of_call",
+    "input_dtype",
+    "pack_continuations",
+    "packable_length",
+    "packing_works",
     "pool_real_positions",
 ]
 
@@ -157,3 +163,130 @@ def pool_real_positions(
         total = total + prefix_sum.to(total.device)
         count = count + prefix_length
     return total / count
+
+
+# --------------------------------------------------------------------------------------------------
+# Several continuations of one context in one row
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Rows that each hold a context once and, after it, several continuation blocks.
+
+    ``input_ids``/``position_ids`` ``(B, L)`` and an additive ``attention_mask`` ``(B, 1, L, L)``:
+    every block sees the whole context and itself (causally), never another block, and takes the
+    positions that follow the context, so each block is computed exactly as if it came alone after
+    the context. ``context_end[r]`` is the column of row ``r``'s last context token and
+    ``block_columns[r][k]`` the columns of its block ``k``.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    context_end: list[int]
+    block_columns: list[list[range]]
+
+
+def pack_continuations(
+    rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    pad_id: int,
+    dtype: torch.dtype,
+    padding_side: str = "left",
+) -> PackedBatch:
+    """Lay out ``(context, blocks)`` rows for one forward pass (see :class:`PackedBatch`).
+
+    A block may be empty (a one-token continuation needs only the context's last logits). Padding
+    positions see only themselves, so no attention row is empty.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    lengths = [len(context) + sum(len(block) for block in blocks) for context, blocks in rows]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    context_end, block_columns = [], []
+    for r, ((context, blocks), length) in enumerate(zip(rows, lengths, strict=True)):
+        if not context:
+            raise ValueError(f"row {r + 1}: empty context")
+        start = width - length if padding_side == "left" else 0
+        n = len(context)
+        ids[r, start : start + n] = torch.tensor(list(context))
+        positions[r, start : start + n] = torch.arange(n)
+        allowed[r, start : start + n, start : start + n] = causal[:n, :n]
+        column, columns = start + n, []
+        for block in blocks:
+            k = len(block)
+            if k:
+                ids[r, column : column + k] = torch.tensor(list(block))
+                positions[r, column : column + k] = torch.arange(n, n + k)
+                allowed[r, column : column + k, start : start + n] = True
+                allowed[r, column : column + k, column : column + k] = causal[:k, :k]
+            columns.append(range(column, column + k))
+            column += k
+        context_end.append(start + n - 1)
+        block_columns.append(columns)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    return PackedBatch(ids, positions, mask, context_end, block_columns)
+
+
+_PACKING_WORKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's decoder computes in (its input embeddings' dtype)."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.dtype if embeddings is not None else next(model.parameters()).dtype
+
+
+@torch.no_grad()
+def packing_works(model: nn.Module) -> bool:
+    """Whether ``model`` honours a per-row 4D attention mask (checked once per model, then cached).
+
+    Not every attention implementation does (flash attention ignores custom masks); rather than
+    reading the implementation's name, run two continuations of a tiny context packed and alone
+    and compare their logits. The check is itself a forward call: a
+    :class:`~lenssteer.evaluate.LowerLayerReplay` runs it before it starts recording.
+    """
+    if model in _PACKING_WORKS:
+        return _PACKING_WORKS[model]
+    device = next(model.parameters()).device
+    vocabulary = model.get_input_embeddings().weight.shape[0]
+    context, first, second = [11, 12, 13], [14, 15], [16]
+    if vocabulary <= 16:
+        _PACKING_WORKS[model] = False
+        return False
+    packed = pack_continuations([(context, [first, second])], 0, input_dtype(model))
+    try:
+        logits = (
+            model(
+                input_ids=packed.input_ids.to(device),
+                attention_mask=packed.attention_mask.to(device),
+                position_ids=packed.position_ids.to(device),
+                use_cache=False,
+            )
+            .logits[0]
+            .float()
+        )
+    except (TypeError, ValueError, RuntimeError):  # a model that refuses a 4D mask
+        _PACKING_WORKS[model] = False
+        return False
+    tolerance = 1e-3 if input_dtype(model) == torch.float32 else 5e-2
+    works = True
+    for block, columns in zip((first, second), packed.block_columns[0], strict=True):
+        alone = model(input_ids=torch.tensor([context + block], device=device), use_cache=False)
+        expected = alone.logits[0, len(context) - 1 :].float()
+        got = logits[[packed.context_end[0], *columns]]
+        scale = expected.abs().max().clamp(min=1.0)
+        works = works and bool(((got - expected) / scale).abs().max() < tolerance)
+    _PACKING_WORKS[model] = works
+    return works
+
+
+def packable_length(model: nn.Module) -> int | None:
+    """The longest packed row whose 4D mask means the same on every layer: a model with
+    sliding-window layers applies our mask to them as-is, which is exact only within the window."""
+    window = getattr(model.config, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None

@@ -95,6 +95,64 @@ def test_identical_inputs_run_once(llama, tokenizer):
     assert len({round(s, 6) for s, _ in scores}) == 4
 
 
+OPTIONS = [" red and white", " blue", " green, then grey", " a pale shade of yellow"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_options_of_one_context_packed_in_one_row(arch, padding_side, tokenizer):
+    """Multi-token options after a shared question: one forward pass, each option scored as if
+    it came alone after the question (the definition)."""
+    from lenssteer.forward import packing_works
+
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    assert packing_works(model)
+    requests = [ScoringRequest("Q: the flag's colours?\nA:", o, True) for o in OPTIONS]
+    requests += [ScoringRequest("Short one:", o, True) for o in OPTIONS[:2]]
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        scores = loglikelihoods(model, tokenizer, requests, batch_size=8, padding_side=padding_side)
+    finally:
+        handle.remove()
+    if arch != "gemma3":  # its 16-token window unpacks the long row (next test)
+        assert len(calls) == 1  # two contexts, six options: one batch of two rows
+    for request, (score, _) in zip(requests, scores, strict=True):
+        assert score == pytest.approx(_by_definition(model, tokenizer, request), abs=1e-4)
+
+
+def test_rows_past_a_sliding_window_are_not_packed(tokenizer):
+    """gemma3's sliding-window layers take a custom mask as-is: a row longer than the window is
+    scored unpacked, with the model's own masks, and still matches the definition."""
+    model = make_tiny_model("gemma3", vocab_size=len(tokenizer))
+    assert model.config.sliding_window == 16
+    context = "A context that is long enough to be well past the sliding window of sixteen tokens:"
+    requests = [ScoringRequest(context, o, True) for o in OPTIONS]
+    requests.append(ScoringRequest("Short:", OPTIONS[0], True))
+    scores = loglikelihoods(model, tokenizer, requests, batch_size=8)
+    for request, (score, _) in zip(requests, scores, strict=True):
+        assert score == pytest.approx(_by_definition(model, tokenizer, request), abs=1e-4)
+
+
+def test_a_model_that_ignores_4d_masks_is_scored_unpacked(tokenizer):
+    """Where the packing check fails (flash attention ignores custom masks), every option gets its
+    own row: same scores, more forward calls."""
+    from lenssteer.forward import _PACKING_WORKS
+
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    requests = [ScoringRequest("Q: the flag's colours?\nA:", o, True) for o in OPTIONS]
+    packed = loglikelihoods(model, tokenizer, requests, batch_size=1)
+    _PACKING_WORKS[model] = False
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        unpacked = loglikelihoods(model, tokenizer, requests, batch_size=1)
+    finally:
+        handle.remove()
+    assert len(calls) == len(OPTIONS)
+    assert [s for s, _ in unpacked] == pytest.approx([s for s, _ in packed], abs=1e-4)
+
+
 def test_empty_continuation_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="request 2: the continuation '' has no tokens"):
         encode_requests(tokenizer, [ScoringRequest("a", " b"), ScoringRequest("a", "")])
