@@ -34,7 +34,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lenssteer.forward import cache_in_call
+from lenssteer.forward import (
+    cache_in_call,
+    input_dtype,
+    pack_continuations,
+    packable_length,
+    packing_works,
+)
 from lenssteer.hooks import (
     hooked,
     last_real_positions,
@@ -546,42 +552,52 @@ def transplant_loglikelihoods(
     ]
     n_options = max(len(options) for options in conts)
     scores = torch.full((len(prompts), n_options), -math.inf)
+    pack, window = packing_works(model), packable_length(model)
     for batch in tqdm(
         _batches([len(ids) for ids in prompts], batch_size),
         desc="score",
         unit="batch",
         disable=not progress,
     ):
-        # One row per item when every option is one token (read them all from the same logits),
-        # otherwise one row per (item, option): prompt + option minus its last token.
+        # One row per item when every option is one token (read them all from the same logits);
+        # otherwise one row per item with its options packed after the prompt
+        # (lenssteer.forward.pack_continuations), or, where the model cannot take that mask, one
+        # row per (item, option): prompt + option minus its last token.
         single = all(len(c) == 1 for i in batch for c in conts[i])
-        row_items, row_options, sequences, targets = [], [], [], []
-        for i in batch:
-            if single:
-                row_items.append(i)
-                row_options.append(None)
-                sequences.append(prompts[i])
-                targets.append([c[0] for c in conts[i]])
-            else:
-                for o, cont in enumerate(conts[i]):
+        lengths = [len(prompts[i]) + sum(len(c) - 1 for c in conts[i]) for i in batch]
+        packed = not single and pack and (window is None or max(lengths) <= window)
+        if packed:
+            row_items = list(batch)
+            layout = pack_continuations(
+                [(prompts[i], [c[:-1] for c in conts[i]]) for i in batch],
+                pad_id,
+                input_dtype(model),
+            )
+            input_ids, attention_mask = layout.input_ids, layout.attention_mask
+            position_ids, last_prompt = layout.position_ids, torch.tensor(layout.context_end)
+        else:
+            row_items, row_options, sequences, targets = [], [], [], []
+            for i in batch:
+                for o, cont in enumerate([None] if single else conts[i]):
                     row_items.append(i)
                     row_options.append(o)
-                    sequences.append(prompts[i] + cont[:-1])
-                    targets.append(cont)
-        input_ids, attention_mask = _left_pad(sequences, pad_id)
+                    sequences.append(prompts[i] + ([] if cont is None else cont[:-1]))
+                    targets.append([c[0] for c in conts[i]] if cont is None else cont)
+            input_ids, attention_mask = _left_pad(sequences, pad_id)
+            position_ids = position_ids_from_mask(attention_mask)
+            # Column of each row's last prompt token: rows end at the last column.
+            last_prompt = torch.tensor(
+                [
+                    input_ids.shape[1] - (len(seq) - len(prompts[i])) - 1
+                    for seq, i in zip(sequences, row_items, strict=True)
+                ]
+            )
         width = input_ids.shape[1]
-        # Column of each row's last prompt token: rows end at the last column.
-        last_prompt = torch.tensor(
-            [
-                width - (len(seq) - len(prompts[i])) - 1
-                for seq, i in zip(sequences, row_items, strict=True)
-            ]
-        )
         keep = int((width - last_prompt).max())
         forward = dict(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            position_ids=position_ids_from_mask(attention_mask).to(device),
+            position_ids=position_ids.to(device),
             use_cache=False,
             **_logits_kwargs(model, keep),
         )
@@ -599,7 +615,16 @@ def transplant_loglikelihoods(
             logits = model(**forward).logits
         logits = logits[:, -keep:].cpu()
         first = (last_prompt - (width - keep)).tolist()
-        if single:
+        if packed:
+            for row, i in enumerate(batch):
+                for o, cont in enumerate(conts[i]):
+                    columns = [
+                        first[row],
+                        *(c - (width - keep) for c in layout.block_columns[row][o]),
+                    ]
+                    log_probs = torch.log_softmax(logits[row, columns].float(), dim=-1)
+                    scores[i, o] = log_probs.gather(-1, torch.tensor(cont)[:, None]).sum()
+        elif single:
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(row_items):
                 scores[i, : len(targets[row])] = log_probs[

@@ -122,6 +122,27 @@ def test_batched_left_padding_equals_one_by_one(model, tokenizer):
     assert batched_text == one_by_one
 
 
+def test_packed_options_equal_one_row_per_option(model, tokenizer):
+    """Multi-token options packed after their recipient prompt score as when each option has its
+    own row, patched and unpatched."""
+    from lenssteer.forward import _PACKING_WORKS, packing_works
+
+    assert packing_works(model)
+    recipients = [r[:60] for r in RECIPIENTS]  # within gemma3's 16-token window once packed
+    for pair in ((1, 2), (None, None)):
+        packed = transplant_loglikelihoods(
+            model, tokenizer, DONORS, recipients, CONTINUATIONS, *pair, batch_size=3
+        )
+        _PACKING_WORKS[model] = False
+        try:
+            plain = transplant_loglikelihoods(
+                model, tokenizer, DONORS, recipients, CONTINUATIONS, *pair, batch_size=3
+            )
+        finally:
+            _PACKING_WORKS[model] = True
+        torch.testing.assert_close(packed, plain, atol=ATOL, rtol=0)
+
+
 def test_kv_cache_on_equals_off(model, tokenizer):
     donors = record_donor_activations(model, tokenizer, DONORS)["ffn"][:, 1]  # source layer 1
     input_ids, mask = encode_prompts(tokenizer, RECIPIENTS)
