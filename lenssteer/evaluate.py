@@ -86,11 +86,12 @@ class EncodedRequest:
     continuation_bytes: int = 1
 
 
-def _continuation_tokens(tokenizer, context: str, continuation: str) -> list[int]:
+def continuation_tokens(tokenizer, context: str, continuation: str) -> list[int]:
     """The continuation's tokens as they follow the context: split from the joint encoding.
 
     When the boundary merges (the context's last token changes), the continuation is encoded
-    alone. The same rule as :mod:`lenssteer.transplant`, so every system scores the same tokens.
+    alone. Every system (XTransplant's scoring too) takes a continuation's tokens from here, so
+    all score the same tokens.
     """
     if not continuation:
         return []
@@ -118,7 +119,7 @@ def encode_requests(
         context = tokenizer(request.context, add_special_tokens=request.add_special_tokens)[
             "input_ids"
         ]
-        continuation = _continuation_tokens(tokenizer, request.context, request.continuation)
+        continuation = continuation_tokens(tokenizer, request.context, request.continuation)
         if not context:
             raise ValueError(f"request {number}: the context is empty after tokenization")
         if not continuation:

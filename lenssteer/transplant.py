@@ -154,19 +154,14 @@ def encode_prompts(
     )
 
 
-def _continuation_ids(
-    tokenizer, prompt_ids: list[int], prompt: str, continuation: str
-) -> list[int]:
-    """Tokens of ``continuation`` as they follow ``prompt`` (split from the joint encoding)."""
-    joint = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
-    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if joint[: len(plain)] == plain and len(joint) > len(plain):
-        ids = joint[len(plain) :]
-    else:  # the boundary merged: encode the continuation alone
-        ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+def _continuation_ids(tokenizer, prompt: str, continuation: str) -> list[int]:
+    """Tokens of ``continuation`` as they follow ``prompt`` (:func:`lenssteer.evaluate.continuation_tokens`)."""
+    from lenssteer.evaluate import continuation_tokens
+
+    ids = continuation_tokens(tokenizer, prompt, continuation)
     if not ids:
         raise ValueError(f"continuation {continuation!r} has no tokens")
-    return list(ids)
+    return ids
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -547,8 +542,8 @@ def transplant_loglikelihoods(
     pad_id, device = _pad_id(tokenizer), _device(model)
     prompts = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]
     conts = [
-        [_continuation_ids(tokenizer, ids, p, c) for c in options]
-        for ids, p, options in zip(prompts, recipient_prompts, continuations, strict=True)
+        [_continuation_ids(tokenizer, p, c) for c in options]
+        for p, options in zip(recipient_prompts, continuations, strict=True)
     ]
     n_options = max(len(options) for options in conts)
     scores = torch.full((len(prompts), n_options), -math.inf)

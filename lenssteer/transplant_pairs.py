@@ -196,8 +196,8 @@ def transplant_grid(
     granularities = list(donor_activations)
     prompts = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]
     conts = [
-        [_continuation_ids(tokenizer, ids, p, c) for c in options]
-        for ids, p, options in zip(prompts, recipient_prompts, continuations, strict=True)
+        [_continuation_ids(tokenizer, p, c) for c in options]
+        for p, options in zip(recipient_prompts, continuations, strict=True)
     ]
     n_options = max(len(options) for options in conts)
     base = torch.full((n_items, n_options), -math.inf)
