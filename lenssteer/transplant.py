@@ -52,6 +52,7 @@ from lenssteer.models import (
     ModuleNames,
     find_decoder_layers,
     find_layer_modules,
+    pad_token_id,
     resolve_layers,
 )
 
@@ -123,13 +124,6 @@ def _encode_one(tokenizer, text: str, add_special_tokens: bool | None) -> list[i
     return list(ids)
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-    return int(pad)
-
-
 def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(seq) for seq in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -150,7 +144,7 @@ def encode_prompts(
     chat-templated text does).
     """
     return _left_pad(
-        [_encode_one(tokenizer, p, add_special_tokens) for p in prompts], _pad_id(tokenizer)
+        [_encode_one(tokenizer, p, add_special_tokens) for p in prompts], pad_token_id(tokenizer)
     )
 
 
@@ -239,7 +233,7 @@ def record_donor_activations(
     ``layers`` defaults to all decoder layers, so one pass serves every source layer of a grid.
     """
     encoded = [_encode_one(tokenizer, p, add_special_tokens) for p in donor_prompts]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     device = _device(model)
     out: DonorActivations = {}
     with tqdm(total=len(encoded), desc="donors", unit="item", disable=not progress) as bar:
@@ -465,7 +459,7 @@ def transplant_generate(
             names,
         )
     encoded = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]
-    pad_id, device = _pad_id(tokenizer), _device(model)
+    pad_id, device = pad_token_id(tokenizer), _device(model)
     texts: list[str] = [""] * len(encoded)
     batches = _batches([len(ids) for ids in encoded], batch_size)
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
@@ -539,7 +533,7 @@ def transplant_loglikelihoods(
             add_special_tokens,
             names,
         )
-    pad_id, device = _pad_id(tokenizer), _device(model)
+    pad_id, device = pad_token_id(tokenizer), _device(model)
     prompts = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]
     conts = [
         [_continuation_ids(tokenizer, p, c) for c in options]

@@ -203,7 +203,7 @@ def test_bundled_smollm2_loads_and_speaks():
 
 
 def test_one_pad_id_rule():
-    """Pad with the pad token, else EOS, else 0 (scoring, extraction, training data alike)."""
+    """Pad with the pad token, else EOS, else 0 (scoring, extraction, training data, transplant)."""
     from types import SimpleNamespace
 
     from lenssteer.models import pad_token_id
