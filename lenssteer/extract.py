@@ -14,8 +14,8 @@ last decoder layer only; asking for it elsewhere is a :class:`RepresentationErro
 
 Tokens that every prompt starts with (the chat template's system turn: 24 of the ~70 tokens of a
 templated Bible verse for the default model) run once: their KV cache is copied for each batch,
-which then computes only its own tokens (:class:`SharedPrefix`). The vectors are the same up to
-float rounding.
+which then computes only its own tokens (:class:`SharedPrefix`, on
+:func:`lenssteer.forward.run_prefix`). The vectors are the same up to float rounding.
 
 Results are cached on disk as safetensors, keyed by everything that could change them: model id,
 revision, weights fingerprint, layers, pooling, the exact prompt template, and a hash of the texts.
@@ -23,12 +23,12 @@ revision, weights fingerprint, layers, pooling, the exact prompt template, and a
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lenssteer.forward import cache_keyword, pool_real_positions
+from lenssteer.forward import PrefixCache, common_prefix_length, pool_real_positions, run_prefix
 from lenssteer.hooks import (
     hooked,
     position_ids_from_mask,
@@ -298,18 +298,6 @@ def _cache_key(
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all ``sequences`` share, leaving each at least one of its own."""
-    if not sequences:
-        return 0
-    shortest = min(len(s) for s in sequences)
-    first = sequences[0]
-    length = 0
-    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
-        length += 1
-    return length
-
-
 @dataclass
 class SharedPrefix:
     """Tokens every prompt of a batch starts with, run once.
@@ -319,7 +307,7 @@ class SharedPrefix:
     """
 
     ids: list[int]
-    cache: object
+    cache: PrefixCache
     sums: dict[int, torch.Tensor]
 
     def __len__(self) -> int:
@@ -335,8 +323,6 @@ def run_shared_prefix(
     representation: Representation = "residual",
 ) -> SharedPrefix:
     """Run ``prefix_ids`` once through the layers up to ``max(layers)``, keeping its KV cache."""
-    from transformers import DynamicCache
-
     decoder_layers = find_decoder_layers(model, module_names)
     check_representation(representation, layers, len(decoder_layers))
     read = representation_map(model, representation, module_names)
@@ -350,14 +336,12 @@ def run_shared_prefix(
         return hook
 
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
     hooks = [(decoder_layers[i], make_hook(i)) for i in layers]
     with hooked([*hooks, stop_after(decoder_layers[top])]):
-        run_until_stopped(
+        cache = run_prefix(
             model,
+            partial(run_until_stopped, model),
             input_ids=torch.tensor([list(prefix_ids)], device=device),
-            use_cache=True,
-            **{cache_keyword(model): cache},
         )
     return SharedPrefix(list(prefix_ids), cache, sums)
 
@@ -403,15 +387,7 @@ def pooled_states(
         "use_cache": False,
     }
     if prefix is not None:
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(input_ids.shape[0])
-        ones = attention_mask.new_ones(input_ids.shape[0], prefix_length)
-        kwargs = {
-            "attention_mask": torch.cat([ones, attention_mask], dim=1),
-            "position_ids": kwargs["position_ids"] + prefix_length,
-            cache_keyword(model): cache,
-            "use_cache": True,
-        }
+        kwargs = prefix.cache.continuing(model, attention_mask, kwargs["position_ids"])
     hooks = [(decoder_layers[i], make_hook(i)) for i in layers]
     with hooked([*hooks, stop_after(decoder_layers[top])]):
         run_until_stopped(model, input_ids=input_ids, **kwargs)

@@ -11,14 +11,18 @@ fires again. So everything here finds things **by type and position**:
 * the keyword under which a model *takes* a cache is read from its ``forward`` signature: the
   parameter annotated with ``Cache``;
 * the cache a model *returns* is the ``Cache`` instance among its output's fields.
+
+It is also the one place that runs part of a decoder: a prompt prefix that every row shares, run
+once (:func:`run_prefix`, :class:`PrefixCache`).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import typing
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -27,15 +31,18 @@ import torch
 from torch import nn
 
 __all__ = [
+    "PrefixCache",
     "cache_in_call",
     "cache_keyword",
     "cache_of_output",
+    "common_prefix_length",
     "hidden_states_of_call",
     "input_dtype",
     "pack_continuations",
     "packable_length",
     "packing_works",
     "pool_real_positions",
+    "run_prefix",
 ]
 
 
@@ -163,6 +170,95 @@ def pool_real_positions(
         total = total + prefix_sum.to(total.device)
         count = count + prefix_length
     return total / count
+
+
+# --------------------------------------------------------------------------------------------------
+# A prompt prefix that every row shares, run once
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``sequences`` share, leaving each at least one of its own."""
+    if not sequences:
+        return 0
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    length = 0
+    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+@dataclass
+class PrefixCache:
+    """The KV cache of ``length`` tokens that every row of later calls starts with, run once by
+    :func:`run_prefix`; :meth:`continuing` gives the arguments of a batch that continues it."""
+
+    cache: Any
+    length: int
+
+    def continuing(
+        self,
+        module: nn.Module,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        copy_cache: bool = True,
+    ) -> dict[str, Any]:
+        """The arguments of a ``module`` call whose rows continue the prefix.
+
+        ``attention_mask`` and ``position_ids`` ``(batch, seq)`` describe the new tokens alone
+        (positions from 0): the mask gains the prefix's columns, the positions start after it, and
+        the cache, under ``module``'s own keyword, is a copy repeated for each row.
+        ``copy_cache=False`` repeats the prefix's own cache instead (one use only, for a call that
+        back-propagates through it).
+        """
+        rows = attention_mask.shape[0]
+        cache = copy.deepcopy(self.cache) if copy_cache else self.cache
+        cache.batch_repeat_interleave(rows)
+        ones = attention_mask.new_ones(rows, self.length)
+        return {
+            "attention_mask": torch.cat([ones, attention_mask], dim=1),
+            "position_ids": position_ids + self.length,
+            cache_keyword(module): cache,
+            "use_cache": True,
+        }
+
+
+def run_prefix(
+    module: nn.Module,
+    call: Callable[..., Any] | None = None,
+    /,
+    skipped_layers: int = 0,
+    **inputs: Any,
+) -> PrefixCache:
+    """Run one prefix row through ``module`` once, keeping the KV cache it fills.
+
+    ``inputs``: the call's arguments, every tensor among them ``(1, length, ...)``; a fresh cache
+    goes in under ``module``'s own keyword. ``call(**arguments)`` runs it (default: ``module``
+    itself; :func:`~lenssteer.hooks.run_until_stopped` may stop after the layers a caller needs).
+    ``skipped_layers``: the first layers were passed through (:func:`layers_passed_through`) and
+    left their slots empty; they get zeros of the prefix's length, which they never read but the
+    model takes the cache's length from.
+    """
+    from transformers import DynamicCache
+
+    length = next(value.shape[1] for value in inputs.values() if torch.is_tensor(value))
+    cache = DynamicCache(config=module.config)
+    (call or module)(**inputs, **{cache_keyword(module): cache}, use_cache=True)
+    if skipped_layers:
+        _fill_skipped_layers(cache, skipped_layers, length)
+    return PrefixCache(cache, length)
+
+
+def _fill_skipped_layers(cache: Any, count: int, length: int) -> None:
+    """Zeros of ``length`` tokens in the slots of layers ``0 .. count - 1``, shaped as ``count``'s."""
+    reference = cache.layers[count]
+    keys, values = reference.keys, reference.values
+    for layer in range(count):
+        cache.update(
+            keys.new_zeros((1, keys.shape[1], length, keys.shape[3])),
+            values.new_zeros((1, values.shape[1], length, values.shape[3])),
+            layer,
+        )
 
 
 # --------------------------------------------------------------------------------------------------

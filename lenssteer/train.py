@@ -58,7 +58,7 @@ from lenssteer.extract import (
     representation_map,
     template_signature,
 )
-from lenssteer.forward import cache_keyword, pool_real_positions
+from lenssteer.forward import pool_real_positions, run_prefix
 from lenssteer.hooks import (
     hooked,
     position_ids_from_mask,
@@ -343,24 +343,6 @@ def _lower_layers_skipped(layers: nn.ModuleList, first_layer: int) -> Iterator[N
             layers[i] = layer
 
 
-def _prefix_cache(model: nn.Module, prefix_length: int, first_layer: int, keys, values):
-    """Fill the cache slots of the skipped lower layers with zeros of the prefix's length.
-
-    Those layers never read them; the model reads the cache length from its first slot.
-    """
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for layer in range(first_layer):
-        shape = (1, keys[1], prefix_length, keys[3])
-        cache.update(
-            torch.zeros(shape, dtype=keys[0], device=keys[2]),
-            torch.zeros((1, values[1], prefix_length, values[3]), dtype=values[0], device=keys[2]),
-            layer,
-        )
-    return cache
-
-
 def _run_pooled(
     model: nn.Module,
     layers: Sequence[int],
@@ -416,42 +398,24 @@ def _run_pooled(
         else:
             # The shared prefix runs once; the suffixes attend to its keys and values (which carry
             # gradients back to the trained layers through the cache).
-            prefix_length = prefix_inputs.shape[0]
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=model.config)
-            positions = torch.arange(prefix_length, device=prefix_inputs.device)[None]
-            run(
+            positions = torch.arange(prefix_inputs.shape[0], device=prefix_inputs.device)[None]
+            prefix = run_prefix(
+                decoder_module,
+                run,
+                skipped_layers=first_layer,
                 inputs_embeds=prefix_inputs[None].to(dtype),
                 position_ids=positions,
-                **{cache_keyword(decoder_module): cache},
-                use_cache=True,
             )
+            prefix_length = prefix.length
             prefix_sums = {i: outputs[i][0].float().sum(0) for i in layers}
-            reference = cache.layers[first_layer]
-            keys, values = reference.keys, reference.values
-            filled = _prefix_cache(
-                model,
-                prefix_length,
-                first_layer,
-                (keys.dtype, keys.shape[1], keys.device, keys.shape[3]),
-                (values.dtype, values.shape[1], values.device, values.shape[3]),
-            )
-            for layer in range(first_layer, len(decoder_layers)):
-                filled.layers[layer] = cache.layers[layer]
-            filled.batch_repeat_interleave(layer_inputs.shape[0])
-            ones = torch.ones(
-                attention_mask.shape[0],
-                prefix_length,
-                dtype=attention_mask.dtype,
-                device=attention_mask.device,
-            )
             run(
                 inputs_embeds=layer_inputs.to(dtype),
-                attention_mask=torch.cat([ones, attention_mask], dim=1),
-                position_ids=position_ids_from_mask(attention_mask) + prefix_length,
-                **{cache_keyword(decoder_module): filled},
-                use_cache=True,
+                **prefix.continuing(
+                    decoder_module,
+                    attention_mask,
+                    position_ids_from_mask(attention_mask),
+                    copy_cache=False,
+                ),
             )
     pooled = [
         pool_real_positions(outputs[i], attention_mask, pooling, prefix_sums.get(i), prefix_length)

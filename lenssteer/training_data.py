@@ -9,11 +9,11 @@ share one prefix pass through a KV cache) into a :class:`TrainingData`, which tr
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,17 @@ from lenssteer.extract import (
     RepresentationError,
     cap_texts,
     check_representation,
-    common_prefix_length,
     default_max_tokens,
     format_texts,
     representation_map,
     template_signature,
 )
-from lenssteer.forward import cache_keyword, hidden_states_of_call, pool_real_positions
+from lenssteer.forward import (
+    common_prefix_length,
+    hidden_states_of_call,
+    pool_real_positions,
+    run_prefix,
+)
 from lenssteer.hooks import (
     hooked,
     position_ids_from_mask,
@@ -227,7 +231,6 @@ def prepare_training_data(
     representation point.
     """
     from tqdm.auto import tqdm
-    from transformers import DynamicCache
 
     languages = list(corpus.languages)
     n_items, n_languages = len(corpus), len(languages)
@@ -275,18 +278,14 @@ def prepare_training_data(
     hidden_size = base_model_description(model)["hidden_size"]
     prefix_states = torch.zeros(0, hidden_size)
     prefix_sums: dict[int, torch.Tensor] = {}
-    cache = None
+    prefix = None
     was_training = model.training
     model.eval()
     try:
         if prefix_length:
-            cache = DynamicCache(config=model.config)
             with hooked(**hooks):
-                run_until_stopped(
-                    model,
-                    input_ids=prefix_ids[None].to(device),
-                    **{cache_keyword(model): cache},
-                    use_cache=True,
+                prefix = run_prefix(
+                    model, partial(run_until_stopped, model), input_ids=prefix_ids[None].to(device)
                 )
             prefix_states = captured["input"][0].float().cpu()
             prefix_sums = {i: captured[i][0].float().sum(0) for i in loss_layers}
@@ -311,19 +310,14 @@ def prepare_training_data(
                     ids[row, : len(suffixes[i])] = torch.tensor(suffixes[i])
                     mask[row, : len(suffixes[i])] = 1
                 ids, mask = ids.to(device), mask.to(device)
-                kwargs: dict[str, Any] = {"use_cache": False}
-                positions = position_ids_from_mask(mask)
-                full_mask = mask
-                if prefix_length:
-                    batch_cache = copy.deepcopy(cache)
-                    batch_cache.batch_repeat_interleave(len(chunk))
-                    ones = torch.ones(len(chunk), prefix_length, dtype=mask.dtype, device=device)
-                    full_mask = torch.cat([ones, mask], dim=1)
-                    positions = positions + prefix_length
-                    kwargs = {"use_cache": True, cache_keyword(model): batch_cache}
-                run_until_stopped(
-                    model, input_ids=ids, attention_mask=full_mask, position_ids=positions, **kwargs
-                )
+                kwargs: dict[str, Any] = {
+                    "attention_mask": mask,
+                    "position_ids": position_ids_from_mask(mask),
+                    "use_cache": False,
+                }
+                if prefix is not None:
+                    kwargs = prefix.continuing(model, mask, kwargs["position_ids"])
+                run_until_stopped(model, input_ids=ids, **kwargs)
                 layer_input = captured["input"].float().cpu()
                 real = mask.bool().cpu()
                 for row, i in enumerate(chunk):

@@ -18,7 +18,6 @@ costs the last token plus the answer tokens.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lenssteer.forward import cache_keyword, cache_of_output
+from lenssteer.forward import PrefixCache, run_prefix
 from lenssteer.io import (
     atomic_directory,
     atomic_save_tensors,
@@ -215,7 +214,7 @@ def transplant_grid(
     }
     sources = torch.tensor([s for s, _ in pairs])
     for i in tqdm(range(n_items), desc="grid", unit="item", disable=not progress):
-        cache, prefix_len = _prefix_cache(model, prompts[i][:-1], device)
+        prefix = _prompt_prefix(model, prompts[i][:-1], device)
         # One row per (granularity, donor, pair), plus one unpatched row; rows of every kind share
         # forward passes, since a few-token pass costs about one read of the weights.
         rows: list[_Row] = [_Row(None, None, 0)]
@@ -233,8 +232,7 @@ def transplant_grid(
         for start in range(0, len(rows), chunk_size):
             scores = _score_on_cache(
                 model,
-                cache,
-                prefix_len,
+                prefix,
                 prompts[i][-1],
                 conts[i],
                 rows[start : start + chunk_size],
@@ -261,25 +259,23 @@ class _Row:
     target_layer: int
 
 
-def _prefix_cache(model: nn.Module, prefix: list[int], device: torch.device):
-    """Run the prompt minus its last token once; ``(cache or None, its length)``."""
+def _prompt_prefix(model: nn.Module, prefix: list[int], device: torch.device) -> PrefixCache | None:
+    """Run the prompt minus its last token once (None when that is empty)."""
     if not prefix:
-        return None, 0
+        return None
     input_ids = torch.tensor([prefix], device=device)
-    output = model(
+    return run_prefix(
+        model,
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         position_ids=torch.arange(len(prefix), device=device).unsqueeze(0),
-        use_cache=True,
         **_logits_kwargs(model, 1),
     )
-    return cache_of_output(output), len(prefix)
 
 
 def _score_on_cache(
     model: nn.Module,
-    cache,
-    prefix_len: int,
+    prefix: PrefixCache | None,
     last: int,
     conts: list[list[int]],
     rows: Sequence[_Row],
@@ -304,20 +300,12 @@ def _score_on_cache(
     for index, seq in enumerate(sequences):
         input_ids[index, : len(seq)] = torch.tensor(seq)
         new_mask[index, : len(seq)] = 1
-    attention_mask = torch.cat(
-        [torch.ones((len(sequences), prefix_len), dtype=torch.long), new_mask], dim=1
-    )
-    position_ids = (prefix_len + torch.arange(width)).unsqueeze(0).expand(len(sequences), -1)
-    forward = dict(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
-        use_cache=True,
-    )
-    if cache is not None:
-        rows_cache = copy.deepcopy(cache)
-        rows_cache.batch_repeat_interleave(len(sequences))
-        forward[cache_keyword(model)] = rows_cache
+    position_ids = torch.arange(width, device=device).unsqueeze(0).expand(len(sequences), -1)
+    new_mask = new_mask.to(device)
+    forward = dict(attention_mask=new_mask, position_ids=position_ids, use_cache=True)
+    if prefix is not None:
+        forward = prefix.continuing(model, new_mask, position_ids)
+    prefix_len = prefix.length if prefix is not None else 0
     with ExitStack() as stack:
         for granularity in GRANULARITIES:
             members = [r for r, row in enumerate(rows) if row.granularity == granularity]
@@ -341,7 +329,7 @@ def _score_on_cache(
                     names,
                 )
             )
-        logits = model(**forward).logits.cpu()
+        logits = model(input_ids=input_ids.to(device), **forward).logits.cpu()
     if single:
         log_probs = torch.log_softmax(logits[:, 0].float(), dim=-1)
         return log_probs[:, torch.tensor([c[0] for c in conts])]

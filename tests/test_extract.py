@@ -137,7 +137,7 @@ def test_bad_inputs(tokenizer):
 
 
 def test_common_prefix_length_leaves_each_sequence_a_token():
-    from lenssteer.extract import common_prefix_length
+    from lenssteer.forward import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical: one token each remains
@@ -152,7 +152,7 @@ def test_shared_prefix_gives_the_same_states(arch, pooling, tokenizer):
     """The chat template's common prefix runs once; the vectors equal a full pass per batch."""
     from conftest import make_tiny_model
 
-    from lenssteer.extract import common_prefix_length
+    from lenssteer.forward import common_prefix_length
 
     model = make_tiny_model(arch, vocab_size=len(tokenizer))
     prompts = format_texts(tokenizer, TEXTS, chat_template=True)
