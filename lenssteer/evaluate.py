@@ -1,4 +1,4 @@
-"""Scoring: option log-likelihoods, the shared lower layers, greedy generation and its language.
+"""Scoring: option log-likelihoods, greedy generation and its language.
 
 What is measured:
 
@@ -20,13 +20,13 @@ Identical model inputs are run once (the four letter options of a question share
 pass), and with left padding only the logits of the scored positions are computed.
 
 Confidence intervals and the summary of outcomes are in :mod:`lenssteer.stats`; the comparison
-report in :mod:`lenssteer.report`.
+report in :mod:`lenssteer.report`; the shared lower layers (:class:`LowerLayerReplay`, re-exported
+here) in :mod:`lenssteer.forward`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,15 +35,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lenssteer.forward import (
-    cache_in_call,
-    hidden_states_of_call,
+    LowerLayerReplay,
     input_dtype,
     pack_continuations,
     packable_length,
     packing_works,
 )
 from lenssteer.hooks import position_ids_from_mask
-from lenssteer.models import ModuleNames, find_decoder_layers, pad_token_id
+from lenssteer.models import pad_token_id
 
 __all__ = [
     "EncodedRequest",
@@ -285,109 +284,6 @@ def loglikelihoods(
                 results[index] = (float(log_probs.gather(-1, target[:, None]).sum()), len(target))
             bar.update(len(needed))
     return results
-
-
-# --------------------------------------------------------------------------------------------------
-# Sharing the unchanged bottom of the network between systems
-
-
-class LowerLayerReplay:
-    """Run the layers below a top-layer edit once, and reuse their output for every such system.
-
-    A Lens adapter on the top 2 layers, or a hook on them, leaves everything below unchanged, so
-    for the same inputs the output of decoder layer ``first_changed_layer - 1`` is the same as the
-    unsteered model's. Inside :meth:`record`, each forward call's output of that layer is stored,
-    in call order; inside :meth:`replay`, the same forward calls (same inputs, same batches, same
-    order) skip layers ``0 .. first_changed_layer - 1`` and take the stored output instead. The
-    result is exact (tests compare against the full computation); a replayed call whose shape does
-    not match the stored one, a different number of calls, or a call that carries a KV cache is an
-    error, never a silent reuse.
-    Only layers that return a plain tensor (every transformers 5 decoder) can be replayed;
-    otherwise :attr:`supported` turns False and callers compute in full.
-    """
-
-    def __init__(
-        self, model: nn.Module, first_changed_layer: int, module_names: ModuleNames | None = None
-    ) -> None:
-        self.model = model
-        self.layers = find_decoder_layers(model, module_names)
-        if not 0 < first_changed_layer < len(self.layers):
-            raise ValueError(
-                f"first_changed_layer must be in 1..{len(self.layers) - 1}, got {first_changed_layer}"
-            )
-        self.boundary = first_changed_layer - 1
-        self.outputs: list[torch.Tensor] = []
-        self.supported = True
-        self.recorded = False
-
-    @contextmanager
-    def record(self) -> Iterator[None]:
-        """Store the boundary layer's output of every forward call in the block."""
-        self.outputs = []
-        packing_works(self.model)  # its own forward calls happen now, not inside the record
-
-        def keep(_module: nn.Module, _args: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                self.outputs.append(output.detach().clone())
-            else:
-                self.supported = False
-
-        handle = self.layers[self.boundary].register_forward_hook(keep)
-        try:
-            yield
-        finally:
-            handle.remove()
-        self.recorded = True
-
-    @contextmanager
-    def replay(self) -> Iterator[None]:
-        """Skip the layers up to the boundary; feed the stored outputs back in call order."""
-        if not (self.recorded and self.supported):
-            raise RuntimeError("nothing to replay: record() a pass of the same inputs first")
-        position = {"next": 0}
-
-        layer = self.layers[0]
-
-        def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-            if cache_in_call(args, kwargs) is not None:
-                # Skipped layers would leave their part of the cache empty: refuse, never guess.
-                raise RuntimeError("a forward call with a KV cache cannot be replayed")
-            return hidden_states_of_call(layer, args, kwargs)
-
-        def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
-            return hidden_of(args, kwargs)
-
-        def emit(*args: Any, **kwargs: Any) -> torch.Tensor:
-            hidden = hidden_of(args, kwargs)
-            index = position["next"]
-            if index >= len(self.outputs):
-                raise RuntimeError(
-                    f"replay out of step: forward call {index + 1}, but only "
-                    f"{len(self.outputs)} were recorded"
-                )
-            stored = self.outputs[index]
-            if stored.shape != hidden.shape:
-                raise RuntimeError(
-                    f"replay out of step: call {index + 1} has shape {tuple(hidden.shape)}, the "
-                    f"recorded one {tuple(stored.shape)}"
-                )
-            position["next"] = index + 1
-            return stored.to(hidden.device, hidden.dtype)
-
-        patched = list(self.layers[: self.boundary + 1])
-        for layer in patched[:-1]:
-            layer.forward = passthrough
-        patched[-1].forward = emit
-        try:
-            yield
-        finally:
-            for layer in patched:
-                del layer.forward  # the class's own forward again
-        if position["next"] != len(self.outputs):
-            raise RuntimeError(
-                f"replay out of step: {position['next']} forward calls replayed, "
-                f"{len(self.outputs)} recorded"
-            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ fires again. So everything here finds things **by type and position**:
 * the cache a model *returns* is the ``Cache`` instance among its output's fields.
 
 It is also the one place that runs part of a decoder: a prompt prefix that every row shares, run
-once (:func:`run_prefix`, :class:`PrefixCache`).
+once (:func:`run_prefix`, :class:`PrefixCache`); the layers below a boundary passed through
+(:func:`layers_passed_through`) or replayed from a recorded pass (:class:`LowerLayerReplay`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import copy
 import inspect
 import typing
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -30,7 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lenssteer.models import ModuleNames, find_decoder_layers
+
 __all__ = [
+    "LowerLayerReplay",
     "PrefixCache",
     "cache_in_call",
     "cache_keyword",
@@ -38,6 +43,7 @@ __all__ = [
     "common_prefix_length",
     "hidden_states_of_call",
     "input_dtype",
+    "layers_passed_through",
     "pack_continuations",
     "packable_length",
     "packing_works",
@@ -259,6 +265,132 @@ def _fill_skipped_layers(cache: Any, count: int, length: int) -> None:
             values.new_zeros((1, values.shape[1], length, values.shape[3])),
             layer,
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers passed through: the bottom of a decoder skipped, or replayed from a record
+
+
+@contextmanager
+def layers_passed_through(
+    layers: Sequence[nn.Module],
+    last: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    check: Callable[[tuple[Any, ...], Mapping[str, Any]], None] | None = None,
+) -> Iterator[None]:
+    """Inside the block, each of ``layers`` returns the hidden states it is called with (found as
+    :func:`hidden_states_of_call` does), so a forward call skips them; the modules stay in place.
+
+    ``last(hidden)``: what the last of them returns instead. ``check(args, kwargs)`` sees every
+    call first and may refuse it. A KV cache passes through with its slots for these layers left
+    empty (:func:`run_prefix` fills them).
+    """
+
+    def passing(layer: nn.Module, emit: Callable[[torch.Tensor], torch.Tensor] | None):
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if check is not None:
+                check(args, kwargs)
+            hidden = hidden_states_of_call(layer, args, kwargs)
+            return hidden if emit is None else emit(hidden)
+
+        return forward
+
+    patched = list(layers)
+    own = [vars(layer).get("forward") for layer in patched]  # a wrapper set on the instance
+    try:
+        for index, layer in enumerate(patched):
+            layer.forward = passing(layer, last if index == len(patched) - 1 else None)
+        yield
+    finally:
+        for layer, forward in zip(patched, own, strict=True):
+            if forward is None:
+                vars(layer).pop("forward", None)  # the class's own forward again
+            else:
+                layer.forward = forward
+
+
+class LowerLayerReplay:
+    """Run the layers below a top-layer edit once, and reuse their output for every such system.
+
+    A Lens adapter on the top 2 layers, or a hook on them, leaves everything below unchanged, so
+    for the same inputs the output of decoder layer ``first_changed_layer - 1`` is the same as the
+    unsteered model's. Inside :meth:`record`, each forward call's output of that layer is stored,
+    in call order; inside :meth:`replay`, the same forward calls (same inputs, same batches, same
+    order) skip layers ``0 .. first_changed_layer - 1`` and take the stored output instead. The
+    result is exact (tests compare against the full computation); a replayed call whose shape does
+    not match the stored one, a different number of calls, or a call that carries a KV cache is an
+    error, never a silent reuse.
+    Only layers that return a plain tensor (every transformers 5 decoder) can be replayed;
+    otherwise :attr:`supported` turns False and callers compute in full.
+    """
+
+    def __init__(
+        self, model: nn.Module, first_changed_layer: int, module_names: ModuleNames | None = None
+    ) -> None:
+        self.model = model
+        self.layers = find_decoder_layers(model, module_names)
+        if not 0 < first_changed_layer < len(self.layers):
+            raise ValueError(
+                f"first_changed_layer must be in 1..{len(self.layers) - 1}, got {first_changed_layer}"
+            )
+        self.boundary = first_changed_layer - 1
+        self.outputs: list[torch.Tensor] = []
+        self.supported = True
+        self.recorded = False
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Store the boundary layer's output of every forward call in the block."""
+        self.outputs = []
+        packing_works(self.model)  # its own forward calls happen now, not inside the record
+
+        def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                self.outputs.append(output.detach().clone())
+            else:
+                self.supported = False
+
+        handle = self.layers[self.boundary].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self.recorded = True
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Skip the layers up to the boundary; feed the stored outputs back in call order."""
+        if not (self.recorded and self.supported):
+            raise RuntimeError("nothing to replay: record() a pass of the same inputs first")
+        position = {"next": 0}
+
+        def refuse_cache(args: tuple, kwargs: Mapping[str, Any]) -> None:
+            if cache_in_call(args, kwargs) is not None:
+                # Skipped layers would leave their part of the cache empty: refuse, never guess.
+                raise RuntimeError("a forward call with a KV cache cannot be replayed")
+
+        def emit(hidden: torch.Tensor) -> torch.Tensor:
+            index = position["next"]
+            if index >= len(self.outputs):
+                raise RuntimeError(
+                    f"replay out of step: forward call {index + 1}, but only "
+                    f"{len(self.outputs)} were recorded"
+                )
+            stored = self.outputs[index]
+            if stored.shape != hidden.shape:
+                raise RuntimeError(
+                    f"replay out of step: call {index + 1} has shape {tuple(hidden.shape)}, the "
+                    f"recorded one {tuple(stored.shape)}"
+                )
+            position["next"] = index + 1
+            return stored.to(hidden.device, hidden.dtype)
+
+        with layers_passed_through(self.layers[: self.boundary + 1], emit, refuse_cache):
+            yield
+        if position["next"] != len(self.outputs):
+            raise RuntimeError(
+                f"replay out of step: {position['next']} forward calls replayed, "
+                f"{len(self.outputs)} recorded"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from lenssteer.extract import (
     representation_map,
     template_signature,
 )
-from lenssteer.forward import pool_real_positions, run_prefix
+from lenssteer.forward import layers_passed_through, pool_real_positions, run_prefix
 from lenssteer.hooks import (
     hooked,
     position_ids_from_mask,
@@ -274,13 +274,6 @@ def resolve_training_layers(
 # The trained layers alone
 
 
-class _PassThrough(nn.Module):
-    """Stands in for a frozen lower layer: its input is already the precomputed hidden state."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return hidden_states
-
-
 def _dtype_of(model: nn.Module) -> torch.dtype:
     """The model's floating-point dtype (precomputed inputs are stored in float32)."""
     return model_dtype(model)
@@ -331,18 +324,6 @@ def _decoder_of(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
     raise TrainingError("cannot find the module that holds the decoder layers")
 
 
-@contextmanager
-def _lower_layers_skipped(layers: nn.ModuleList, first_layer: int) -> Iterator[None]:
-    originals = [layers[i] for i in range(first_layer)]
-    try:
-        for i in range(first_layer):
-            layers[i] = _PassThrough()
-        yield
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-
-
 def _run_pooled(
     model: nn.Module,
     layers: Sequence[int],
@@ -373,7 +354,8 @@ def _run_pooled(
         if layer_inputs is None:
             run_until_stopped(model, **kwargs)
         else:
-            with _lower_layers_skipped(decoder_layers, first_layer):
+            # The frozen lower layers pass through: their output is the precomputed input.
+            with layers_passed_through(decoder_layers[:first_layer]):
                 run_until_stopped(decoder_module, **kwargs)
 
     dtype = _dtype_of(model)
