@@ -13,6 +13,8 @@ from lenssteer.forward import (
     cache_keyword,
     cache_of_output,
     hidden_states_of_call,
+    layers_passed_through,
+    run_prefix,
 )
 
 
@@ -87,3 +89,33 @@ def test_pooling_reads_real_positions_only():
     torch.testing.assert_close(mean[1], torch.cat([prefix, hidden[1]]).mean(0))
     with pytest.raises(ValueError, match="unknown pooling 'max'"):
         pool_real_positions(hidden, right, "max")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_rows_continuing_a_prefix_equal_the_full_pass(arch):
+    """A prefix run once, then right-padded rows on copies of its cache: the full pass's logits."""
+    model = make_tiny_model(arch, vocab_size=64)
+    prefix, tails = [5, 6, 7, 8], [[9, 10, 11], [12]]
+    ids = torch.tensor([[9, 10, 11], [12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    positions = torch.arange(3).expand(2, -1)
+    with torch.no_grad():
+        cached = run_prefix(model, input_ids=torch.tensor([prefix]))
+        assert cached.length == len(prefix)
+        for _ in range(2):  # the prefix's own cache is never changed
+            logits = model(input_ids=ids, **cached.continuing(model, mask, positions)).logits
+            for row, tail in enumerate(tails):
+                full = model(input_ids=torch.tensor([prefix + tail])).logits[0, len(prefix) :]
+                torch.testing.assert_close(logits[row, : len(tail)], full, atol=1e-5, rtol=1e-4)
+
+
+def test_layers_passed_through_return_their_input_then_are_whole_again():
+    layers = [_Annotated(), _Unannotated(), _Unannotated()]
+    layers[1].forward = lambda x, past_key_values=None: 2 * x  # e.g. a wrapper set on the instance
+    hidden = torch.ones(1, 2, 3)
+    with layers_passed_through(layers, last=lambda h: h + 1):
+        assert torch.equal(layers[0](states=hidden), hidden)  # found by its parameter's name
+        assert torch.equal(layers[1](hidden), hidden)
+        assert torch.equal(layers[2](hidden), hidden + 1)
+    assert "forward" not in vars(layers[0]) and "forward" not in vars(layers[2])
+    assert torch.equal(layers[1](hidden), 2 * hidden)
