@@ -476,7 +476,7 @@ def packing_works(model: nn.Module) -> bool:
     Not every attention implementation does (flash attention ignores custom masks); rather than
     reading the implementation's name, run two continuations of a tiny context packed and alone
     and compare their logits. The check is itself a forward call: a
-    :class:`~lenssteer.evaluate.LowerLayerReplay` runs it before it starts recording.
+    :class:`LowerLayerReplay` runs it before it starts recording.
     """
     if model in _PACKING_WORKS:
         return _PACKING_WORKS[model]
