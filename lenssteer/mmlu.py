@@ -436,8 +436,7 @@ def format_multiple_choice(
     if instruction:
         body = f"{body}\n{instruction}"
     if chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
-        )
-        return MultipleChoicePrompt(text, list(letters), True)
+        from lenssteer.extract import format_texts
+
+        return MultipleChoicePrompt(format_texts(tokenizer, [body], True)[0], list(letters), True)
     return MultipleChoicePrompt(f"{body}\nAnswer:", [f" {letter}" for letter in letters], False)

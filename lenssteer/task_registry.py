@@ -181,14 +181,10 @@ class MultipleChoiceTask(Task):
                 prompt.text,
             )
         if scoring == "option-text":
-            from lenssteer.extract import has_chat_template
+            from lenssteer.extract import format_texts, has_chat_template
 
             if has_chat_template(tokenizer):
-                context = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": item.question}],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
+                context = format_texts(tokenizer, [item.question], True)[0]
                 return [ScoringRequest(context, choice, False) for choice in item.choices], context
             context = f"Question: {item.question}\nAnswer:"
             return [ScoringRequest(context, f" {choice}", True) for choice in item.choices], context
