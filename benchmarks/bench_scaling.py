@@ -167,11 +167,13 @@ def scaling(
             ("precompute", "training precompute", "train_bytes"),
             ("train", "training epoch", "train_bytes"),
         ]
-    doublings = []
-    base = points[0]
-    for n, k in points[1:]:
-        previous = (n // 2, k) if (n // 2, k) in table and k == base[1] else base
-        doublings.append((previous, (n, k)))
+    doublings = []  # each point against the one it doubles (items first, then languages), if any
+    for n, k in points:
+        halves = [(n // 2, k)] if n % 2 == 0 else []
+        halves += [(n, k // 2)] if k % 2 == 0 else []
+        previous = next((half for half in halves if half in table), None)
+        if previous is not None:
+            doublings.append((previous, (n, k)))
     for stage, label, bytes_key in stages:
         for before, after in doublings:
             a, b = table[before], table[after]
@@ -202,6 +204,10 @@ def _parse_points(text: str) -> list[tuple[int, int]]:
         items, _, languages = part.strip().partition("x")
         if not (items.isdigit() and languages.isdigit()):
             raise SystemExit(f"bad point {part!r}: write ITEMSxLANGUAGES, e.g. 250x5")
+        if not 1 <= int(languages) <= len(LANGUAGES):
+            raise SystemExit(
+                f"bad point {part!r}: 1 to {len(LANGUAGES)} languages ({', '.join(LANGUAGES)})"
+            )
         points.append((int(items), int(languages)))
     return points
 
