@@ -691,9 +691,9 @@ def _add_compare(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare",
         help="score base model, Lens adapters, XTransplant and subspace baselines side by side",
-        description="Score every system on identical items with identical settings (tasks: "
-        "mmlu-translated, bible-continuation, bible-retrieval, language-fidelity, or JSON/JSONL "
-        "task files) and write report.md, report.json and one PNG per task: scores with 95% "
+        description="Score every system on identical items with identical settings (built-in "
+        "tasks: mmlu-translated, mmlu-open, multiemo, bible-continuation, bible-likelihood, "
+        "bible-retrieval, language-fidelity; or JSON/JSONL task files) and write report.md, report.json and one PNG per task: scores with 95% "
         "intervals and differences to the base model (paired bootstrap). Flags override the "
         "config file.",
         epilog=EPILOG,
@@ -707,7 +707,7 @@ def _add_compare(subparsers) -> None:
         "--tasks",
         type=_languages,
         help="comma-separated task names or .json/.jsonl task files (default: the config's, or "
-        "all four built-in tasks)",
+        "mmlu-translated, bible-continuation, bible-retrieval and language-fidelity)",
     )
     parser.add_argument(
         "--adapter",

@@ -13,7 +13,9 @@ the choice is made on what a user sees:
   prompt's language; target fidelity is then a constraint too);
 * **constraints**: the target languages' held-out text log-likelihood per byte may not fall by
   more than ``--max-likelihood-drop`` nats per byte, and English fidelity may not fall by more than
-  ``--max-english-drop`` points nor English likelihood by more than ``--max-likelihood-drop``.
+  ``--max-english-drop`` points nor English likelihood by more than ``--max-likelihood-drop``; and
+  no accuracy (a multiple-choice or retrieval task in the dev config, e.g. multiemo) may fall, in
+  the targets or in English, with a paired 95% interval wholly below zero.
 
 The best configuration meeting the constraints is chosen; ``--ship DIR`` copies its adapter to DIR
 with the dev item ids recorded as ``selection_items`` (``lenssteer compare`` never scores them).
@@ -112,7 +114,7 @@ def dev_rows(document: dict[str, Any], systems: list[str], central: str) -> list
         for task, metrics in document["summary"].items():
             metric = document["primary_metrics"][task]
             cells = metrics[metric][name]
-            scale = 100.0 if metric == FIDELITY else 1.0
+            scale = 1.0 if metric == LIKELIHOOD else 100.0  # shares in points, nats as they are
             for where, key in (("targets", "targets"), ("central", central)):
                 cell = cells[key]
                 row[where][task] = {
@@ -136,7 +138,8 @@ def judge(
     target fidelity difference, points) or ``loglik_per_byte`` (gain = mean target text
     likelihood difference, nats per byte; then target fidelity may not fall by more than
     ``max_english_drop`` points either): for a model that already answers in the prompt's
-    language, where there is no fidelity to gain."""
+    language, where there is no fidelity to gain. Any other metric (an accuracy) breaks a
+    constraint when its paired 95% interval lies wholly below zero."""
     gains = [c["diff"] for c in row["targets"].values() if c["metric"] == criterion]
     row["gain"] = sum(gains) / len(gains) if gains else float("nan")
     broken = []
@@ -147,6 +150,11 @@ def judge(
             guarded = where == "central" or criterion != FIDELITY
             if guarded and cell["metric"] == FIDELITY and cell["diff"] < -max_english_drop:
                 broken.append(f"{where} {task} {cell['diff']:+.1f} points")
+            if cell["metric"] not in (FIDELITY, LIKELIHOOD) and cell["high"] < 0:
+                broken.append(
+                    f"{where} {task} {cell['diff']:+.1f} points "
+                    f"[{cell['low']:+.1f}, {cell['high']:+.1f}]"
+                )
     row["broken"] = broken
 
 
@@ -163,7 +171,7 @@ def format_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> s
         cells = []
         for task in tasks:
             t, c = row["targets"][task], row["central"][task]
-            digits = 1 if t["metric"] == FIDELITY else 4
+            digits = 4 if t["metric"] == LIKELIHOOD else 1
             cells.append(
                 f"{t['diff']:+.{digits}f} [{t['low']:+.{digits}f}, {t['high']:+.{digits}f}]; "
                 f"{c['diff']:+.{digits}f}"

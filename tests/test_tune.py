@@ -88,3 +88,35 @@ def test_the_shipped_dev_config_never_draws_a_scored_item():
     drawn = {i for ids in scored_item_ids(dev).values() for i in ids}
     assert drawn & scored  # another seed alone would overlap: the exclusion is needed
     assert len(drawn - scored) >= 0.8 * len(drawn)  # and leaves most of the dev items
+
+
+def test_an_accuracy_that_falls_beyond_its_interval_breaks_a_constraint(tune):
+    """A classification dev task (multiemo) guards against the regression the SmolLM2 adapter
+    showed there: a drop whose whole interval is below zero rules the configuration out, a drop
+    within noise does not."""
+    doc = document(
+        {
+            "a": {"targets": (0.05, 0.0), "en": (0.0, 0.0)},
+            "b": {"targets": (0.02, 0.0), "en": (0.0, 0.0)},
+        }
+    )
+    doc["primary_metrics"]["multiemo"] = "acc_letter"
+    doc["summary"]["multiemo"] = {
+        "acc_letter": {
+            "a": {  # -8 points [-13, -3]: significant
+                "targets": {"diff": -0.08, "diff_low": -0.13, "diff_high": -0.03, "n": 9},
+                "en": {"diff": 0.0, "diff_low": -0.02, "diff_high": 0.02, "n": 9},
+            },
+            "b": {  # -2 points [-6, +2]: noise
+                "targets": {"diff": -0.02, "diff_low": -0.06, "diff_high": 0.02, "n": 9},
+                "en": {"diff": 0.0, "diff_low": -0.02, "diff_high": 0.02, "n": 9},
+            },
+        }
+    }
+    rows = tune.dev_rows(doc, ["a", "b"], "en")
+    for row in rows:
+        tune.judge(row, 0.005, 2.0)
+    assert rows[0]["targets"]["multiemo"]["diff"] == pytest.approx(-8.0)  # points
+    assert rows[0]["broken"] == ["targets multiemo -8.0 points [-13.0, -3.0]"]
+    assert rows[1]["broken"] == []
+    assert tune.choose(rows)["system"] == "b"
