@@ -733,6 +733,12 @@ def _add_compare(subparsers) -> None:
     parser.add_argument("--padding-side", choices=["left", "right"])
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="score everything again (default: an interrupted run of the same comparison "
+        "continues from its journal, .<out>.partial.jsonl beside the report folder)",
+    )
     add_progress_argument(parser)
     parser.set_defaults(handler=_run_compare)
 
@@ -764,7 +770,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         transplant=args.transplant,
         transplant_pairs=args.transplant_pairs,
     )
-    document = run_comparison(config, progress=args.progress, command=command_line(args))
+    document = run_comparison(
+        config, progress=args.progress, command=command_line(args), resume=not args.restart
+    )
     print(format_summary(document))
     print(f"\nreport written to {config.out} (report.md, report.json, one PNG per task)")
     return 0

@@ -24,6 +24,9 @@ write_report`). ``run_comparison`` is the plain function; ``lenssteer compare`` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import shlex
 import sys
 import time
@@ -274,8 +277,6 @@ DEFAULT_TASKS = ("mmlu-translated", "bible-continuation", "bible-retrieval", "la
 def subspace_representation(folder: str | Path) -> str | None:
     """The representation point a subspace folder was probed at (None if unreadable: whoever
     loads the subspace reports that)."""
-    import json
-
     try:
         header = json.loads((Path(folder) / "subspace.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -1284,6 +1285,66 @@ def _check_output_folder(out: Path) -> None:
     check_writable(out)  # a read-only place is found before any scoring
 
 
+class _Journal:
+    """The outcomes of finished units, appended as a comparison goes, so that an interrupted run
+    continues where it stopped instead of starting again (a full comparison takes an hour on 2
+    cores).
+
+    A JSON-lines file beside the report folder (``.<name>.partial.jsonl``). Its first line is the
+    run's identity: the config, the model's fingerprint, every system's description after its dev
+    choices (adapter weight hashes, chosen pairs and strengths) and its subspace files' hashes. A
+    run with another identity starts afresh; a torn last line (killed while writing) is ignored.
+    The file is removed once the report is written.
+    """
+
+    def __init__(self, out: Path, identity: str) -> None:
+        self.path = out.parent / f".{out.name}.partial.jsonl"
+        self.identity = identity
+        self.done: dict[str, dict[str, Any]] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            if lines and lines[0] == json.dumps({"identity": identity}):
+                for line in lines[1:]:
+                    with contextlib.suppress(json.JSONDecodeError):
+                        record = json.loads(line)
+                        self.done[record["unit"]] = record
+        if not self.done:
+            self.path.write_text(json.dumps({"identity": identity}) + "\n", encoding="utf-8")
+
+    def get(self, unit: str) -> tuple[list[Outcomes], dict[str, float]] | None:
+        record = self.done.get(unit)
+        if record is None:
+            return None
+        return [Outcomes(**o) for o in record["outcomes"]], record["seconds"]
+
+    def add(self, unit: str, outcomes: Sequence[Outcomes], seconds: Mapping[str, float]) -> None:
+        record = {"unit": unit, "outcomes": [asdict(o) for o in outcomes], "seconds": seconds}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _run_identity(config: CompareConfig, fingerprint: str, systems) -> str:
+    """What must match for a journal's units to be reused (see :class:`_Journal`)."""
+    files = []
+    for prepared in systems:
+        if prepared.config.subspace:
+            for path in sorted(Path(prepared.config.subspace).glob("*")):
+                files.append([str(path), hashlib.sha256(path.read_bytes()).hexdigest()])
+    state = {
+        "config": asdict(config),
+        "fingerprint": fingerprint,
+        "systems": [p.description for p in systems],
+        "files": files,
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_comparison(
     config: CompareConfig,
     progress: bool = True,
@@ -1291,6 +1352,7 @@ def run_comparison(
     command: str | None = None,
     write: bool = True,
     share_lower_layers: bool = True,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Score every system on every task and language; write the report to ``config.out``.
 
@@ -1304,6 +1366,9 @@ def run_comparison(
     base system's lower-layer outputs for the same inputs (:class:`~lenssteer.evaluate.
     LowerLayerReplay`; exact, ``share_lower_layers=False`` computes everything), and XTransplant's
     central-language rows, which are unpatched by definition, are the base system's.
+
+    With ``write``, every finished unit is journaled beside ``config.out``; a run of the same
+    comparison after an interruption reuses those units (``resume=False`` starts afresh).
     """
     from lenssteer.models import load_model
 
@@ -1351,9 +1416,33 @@ def run_comparison(
     shared = [k for k in first_changed.values() if k is not None and k > 0]
     boundary = min(shared) if (share_lower_layers and base and shared) else None
 
+    journal = None
+    if write:
+        journal = _Journal(out, _run_identity(config, base_fingerprint, systems))
+        if not resume:
+            journal.done.clear()
+            journal.path.write_text(json.dumps({"identity": journal.identity}) + "\n")
+        elif journal.done and progress:
+            print(
+                f"continuing an interrupted run: {len(journal.done)} units already scored "
+                f"({journal.path})",
+                file=sys.stderr,
+            )
+    resumed_units, resumed_seconds = 0, 0.0
     outcomes: list[Outcomes] = []
     for task, _ in tasks:
-        for unit in _units(task, data[task.name], tokenizer, model, config):
+        for k, unit in enumerate(_units(task, data[task.name], tokenizer, model, config)):
+            unit_key = f"{task.name}/{k}/{unit.label}"
+            done = journal.get(unit_key) if journal else None
+            if done is not None:
+                outcomes.extend(done[0])
+                resumed_units += 1
+                for key, seconds in done[1].items():
+                    timings[key] = round(timings.get(key, 0.0) + seconds, 1)
+                    resumed_seconds += seconds
+                continue
+            unit_outcomes: list[Outcomes] = []
+            unit_seconds: dict[str, float] = {}
             replay = LowerLayerReplay(model, boundary) if boundary and unit.replayable else None
             base_outcomes: list[Outcomes] = []
             for prepared in order:
@@ -1393,9 +1482,14 @@ def run_comparison(
                             ]
                 if prepared is base:
                     base_outcomes = found
-                outcomes.extend(found)
+                unit_outcomes.extend(found)
                 key = f"{name} / {task.name}"
-                timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - clock, 1)
+                unit_seconds[key] = unit_seconds.get(key, 0.0) + time.perf_counter() - clock
+            outcomes.extend(unit_outcomes)
+            for key, seconds in unit_seconds.items():
+                timings[key] = round(timings.get(key, 0.0) + seconds, 1)
+            if journal:
+                journal.add(unit_key, unit_outcomes, unit_seconds)
 
     system_rank = {p.config.name: i for i, p in enumerate(systems)}
     language_rank = {lang: i for i, lang in enumerate(config.languages)}
@@ -1419,8 +1513,8 @@ def run_comparison(
         "torch_threads": torch.get_num_threads(),
         "shared_lower_layers": f"below layer {boundary}" if boundary else "no",
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-        "seconds": round(time.time() - started, 1),
-        "wall_time": _wall_time(time.time() - started),
+        "seconds": round(time.time() - started + resumed_seconds, 1),
+        "wall_time": _wall_time(time.time() - started + resumed_seconds),
         "packages": package_versions(),
         "systems": {p.config.name: p.description for p in systems},
         "tasks": {
@@ -1444,7 +1538,11 @@ def run_comparison(
             ),
             "outcomes": [asdict(o) for o in outcomes],
         }
-    return write_report(
+    if resumed_units:
+        metadata["resumed"] = (
+            f"{resumed_units} units ({resumed_seconds:.0f} s) from an interrupted run"
+        )
+    document = write_report(
         out,
         outcomes=outcomes,
         metadata=metadata,
@@ -1457,6 +1555,9 @@ def run_comparison(
         central_language=config.central_language,
         chance={task.name: task.chance for task, _ in tasks if task.chance is not None},
     )
+    if journal:
+        journal.remove()
+    return document
 
 
 def _wall_time(seconds: float) -> str:

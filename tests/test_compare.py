@@ -762,3 +762,62 @@ def test_language_shift_at_strength_zero_reuses_the_base_rows(setup, tokenizer, 
     rows = {(o["system"], o["language"]): o["values"] for o in document["outcomes"]}
     assert rows[("shift", "de")] == rows[("base", "de")]
     assert document["summary"]["bible-likelihood"]["loglik_per_byte"]["shift"]["de"]["identical"]
+
+
+def test_an_interrupted_comparison_continues_from_its_journal(
+    setup, tokenizer, tmp_path, monkeypatch
+):
+    """Killed after two units, the same comparison run again scores only the units left, and its
+    report equals an uninterrupted run's; a changed setting starts afresh."""
+    from lenssteer import compare
+
+    root, model = setup
+    config = full_config(root, tmp_path / "report")
+    config.tasks = [config.tasks[0], TaskConfig("bible-continuation", limit=2)]
+    config.systems = config.systems[:2] + config.systems[3:4]  # base, lens, remove-specific
+    reference = run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
+    real_add = compare._Journal.add
+    added: list[str] = []
+
+    def add_then_stop(self, unit, outcomes, seconds):
+        real_add(self, unit, outcomes, seconds)
+        added.append(unit)
+        if len(added) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare._Journal, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(config, progress=False, loaded=(tokenizer, model))
+    journal = tmp_path / ".report.partial.jsonl"
+    assert journal.exists() and not (tmp_path / "report").exists()
+    with journal.open("a") as handle:
+        handle.write('{"unit": "torn')  # killed while writing a line
+    first = list(added)
+
+    monkeypatch.setattr(
+        compare._Journal, "add", lambda self, *a: added.append(a[0]) or real_add(self, *a)
+    )
+    document = run_comparison(config, progress=False, loaded=(tokenizer, model))
+    resumed = added[2:]
+    assert resumed and not set(resumed) & set(first)  # only the units left were scored
+    assert document["metadata"]["resumed"].startswith("2 units")
+    assert not journal.exists()  # removed with the report written
+    assert [
+        (o["task"], o["metric"], o["system"], o["language"], o["item_ids"], o["values"])
+        for o in document["outcomes"]
+    ] == [
+        (o["task"], o["metric"], o["system"], o["language"], o["item_ids"], o["values"])
+        for o in reference["outcomes"]
+    ]
+
+    added.clear()
+    monkeypatch.setattr(compare._Journal, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(config, progress=False, loaded=(tokenizer, model))
+    config.batch_size = 2  # another comparison: the journal is not reused
+    monkeypatch.setattr(
+        compare._Journal, "add", lambda self, *a: added.append(a[0]) or real_add(self, *a)
+    )
+    document = run_comparison(config, progress=False, loaded=(tokenizer, model))
+    assert "resumed" not in document["metadata"]
+    assert len(added) - 2 == len(first) + len(resumed)
