@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lenssteer.forward import (
     LowerLayerReplay,
+    contiguous_head_input,
     input_dtype,
     pack_continuations,
     packable_length,
@@ -167,7 +168,8 @@ def _forward_logits(
     }
     if keep:
         try:
-            return model(**kwargs, logits_to_keep=keep).logits[:, -keep:]
+            with contiguous_head_input(model):
+                return model(**kwargs, logits_to_keep=keep).logits[:, -keep:]
         except TypeError:  # a model without logits_to_keep
             pass
     logits = model(**kwargs).logits
@@ -335,11 +337,12 @@ def generate_greedy(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             ids, mask = _pad([encoded[i] for i in chunk], pad_id, "left")
-            output = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=config,
-            )
+            with contiguous_head_input(model):  # the prefill reads the last position only
+                output = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=config,
+                )
             new_tokens = output[:, ids.shape[1] :]
             for row, index in enumerate(chunk):
                 answers[index] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()

@@ -460,6 +460,35 @@ def pack_continuations(
     return PackedBatch(ids, positions, mask, context_end, block_columns)
 
 
+@contextmanager
+def contiguous_head_input(model: nn.Module) -> Iterator[None]:
+    """Hand the LM head a contiguous input while inside.
+
+    A model asked for the last ``k`` positions' logits slices its hidden states
+    (``h[:, -k:]``: not contiguous when the batch has more than one row) before the head. With a
+    frozen head weight (``requires_grad=False``: any PEFT-wrapped model, or one frozen for
+    inference) torch's matmul then takes its batched path, which expands and copies the whole
+    ``(batch, hidden, vocab)`` weight on every call: on Qwen2.5-0.5B (vocabulary 152k) a batch of
+    8 took 15.5 s instead of 2.7 s. Copying the small sliced input instead avoids it; the logits
+    differ only by the other kernel's rounding (below 1e-5 in float32).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+
+    def make_contiguous(_module: nn.Module, args: tuple) -> tuple | None:
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(make_contiguous)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 _PACKING_WORKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lenssteer.forward import (
     cache_in_call,
+    contiguous_head_input,
     input_dtype,
     pack_continuations,
     packable_length,
@@ -384,11 +385,13 @@ def generate_transplanted(
     )
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     if activations is None or target_layer is None:
-        output = model.generate(**kwargs)
+        with contiguous_head_input(model):
+            output = model.generate(**kwargs)
     else:
         positions = last_real_positions(attention_mask)
         with transplanted(model, activations, positions, target_layer, granularity, names):
-            output = model.generate(**kwargs)
+            with contiguous_head_input(model):
+                output = model.generate(**kwargs)
     return output[:, input_ids.shape[1] :]
 
 
@@ -599,9 +602,11 @@ def transplant_loglikelihoods(
                 granularity,
                 names,
             ):
-                logits = model(**forward).logits
+                with contiguous_head_input(model):
+                    logits = model(**forward).logits
         else:
-            logits = model(**forward).logits
+            with contiguous_head_input(model):
+                logits = model(**forward).logits
         logits = logits[:, -keep:].cpu()
         first = (last_prompt - (width - keep)).tolist()
         if packed:

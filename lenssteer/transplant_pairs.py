@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lenssteer.forward import PrefixCache, run_prefix
+from lenssteer.forward import PrefixCache, contiguous_head_input, run_prefix
 from lenssteer.io import (
     atomic_directory,
     atomic_save_tensors,
@@ -329,7 +329,8 @@ def _score_on_cache(
                     names,
                 )
             )
-        logits = model(input_ids=input_ids.to(device), **forward).logits.cpu()
+        with contiguous_head_input(model):
+            logits = model(input_ids=input_ids.to(device), **forward).logits.cpu()
     if single:
         log_probs = torch.log_softmax(logits[:, 0].float(), dim=-1)
         return log_probs[:, torch.tensor([c[0] for c in conts])]

@@ -12,6 +12,7 @@ from lenssteer.forward import (
     cache_in_call,
     cache_keyword,
     cache_of_output,
+    contiguous_head_input,
     hidden_states_of_call,
     layers_passed_through,
     run_prefix,
@@ -119,3 +120,27 @@ def test_layers_passed_through_return_their_input_then_are_whole_again():
         assert torch.equal(layers[2](hidden), hidden + 1)
     assert "forward" not in vars(layers[0]) and "forward" not in vars(layers[2])
     assert torch.equal(layers[1](hidden), 2 * hidden)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_lm_head_gets_a_contiguous_input_and_the_same_logits(arch):
+    """Asked for the last k positions of a batch, a model slices its hidden states before the
+    head: not contiguous. With frozen weights (PEFT, inference) torch then copies the whole head
+    weight per call; contiguous_head_input copies the small input instead, logits unchanged."""
+    model = make_tiny_model(arch).requires_grad_(False)
+    ids = torch.randint(3, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    seen: list[bool] = []
+    record = lambda _m, args: seen.append(args[0].is_contiguous())  # noqa: E731
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        handle = head.register_forward_pre_hook(record)
+        plain = model(input_ids=ids, logits_to_keep=2).logits
+        handle.remove()
+        with contiguous_head_input(model):
+            handle = head.register_forward_pre_hook(record)  # runs after ours
+            fixed = model(input_ids=ids, logits_to_keep=2).logits
+            handle.remove()
+        assert seen == [False, True]
+        torch.testing.assert_close(fixed, plain, rtol=0, atol=1e-5)  # another kernel's rounding
+        assert not head._forward_pre_hooks  # removed on the way out
+        assert torch.equal(model(input_ids=ids, logits_to_keep=2).logits, plain)
