@@ -597,10 +597,21 @@ class SteeringAdapter:
         before_all = tensors_fingerprint(tracked.items())
         before_untouched = tensors_fingerprint(untouched)
         n_layers = num_decoder_layers(model)
+        # PEFT freezes every base parameter; removing the adapter gives the flags back as they were.
+        trainable = {name: p.requires_grad for name, p in model.named_parameters()}
         if self.kind == "lora":
             applied = self._apply_lora(model)
         else:
             applied = self._apply_layers(model)
+        undo = applied._undo
+
+        def undo_and_restore_flags() -> None:
+            undo()
+            for name, parameter in model.named_parameters():
+                if name in trainable:
+                    parameter.requires_grad_(trainable[name])
+
+        applied._undo = undo_and_restore_flags
         if tensors_fingerprint(untouched) != before_untouched or (
             num_decoder_layers(model) != n_layers
         ):

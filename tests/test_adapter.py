@@ -75,6 +75,8 @@ def test_save_load_gives_identical_logits(trained, inputs, kind):
 def test_remove_restores_the_base_model(trained, inputs, kind):
     model, adapters, _ = trained
     base = fresh(model)
+    base.lm_head.requires_grad_(False)  # a user's own choice of frozen parameters
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}
     keys = set(base.state_dict())
     expected = logits(base, inputs)
     applied = adapters[kind].apply(base)
@@ -82,6 +84,7 @@ def test_remove_restores_the_base_model(trained, inputs, kind):
     assert applied.remove() is base
     assert set(base.state_dict()) == keys
     assert torch.equal(logits(base, inputs), expected)
+    assert {name: p.requires_grad for name, p in base.named_parameters()} == flags  # PEFT froze all
     adapters[kind].apply(base).remove()  # may be applied again after removal
 
 
