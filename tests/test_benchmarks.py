@@ -265,3 +265,17 @@ def test_cli_bench_runs_the_benchmark_script(tiny_folder, tmp_path):
     argv = ["bench", "--quick", "--sections", "machine", "--model", tiny_folder]
     assert main([*argv, "--output", str(output)]) == 0
     assert "| 5 | fp32 matmul" in output.read_text()
+
+
+def test_head_rows_agree_both_ways(loaded):
+    import bench_head
+
+    tokenizer, model = loaded
+    model.requires_grad_(False)
+    try:
+        row = bench_head.head_rows(model, tokenizer, limit=2, rounds=1, batch_size=3)
+    finally:
+        model.requires_grad_(True)
+    assert row["requests"] == 2 * 2 * 4  # 2 languages x 2 items x 4 letters
+    assert row["max_abs_difference"] < 1e-4
+    assert row["speedup"] > 0 and row["plain_s_per_request"] > 0
