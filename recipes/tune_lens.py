@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON list of training overrides (TrainConfig fields; 'subspace' names another "
         "subspace folder); {} is the preset itself",
     )
-    parser.add_argument("--preset", choices=["scale-free", "quickstart"], default="scale-free")
+    parser.add_argument(
+        "--preset", choices=["scale-free", "quickstart", "instructions"], default="scale-free"
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--subspace", required=True, help="subspace folder (lenssteer probe)")
     parser.add_argument("--corpus", default="instructions", help="training corpus (as in train)")
@@ -90,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-english-drop", type=float, default=2.0, help="fidelity points")
     parser.add_argument("--out", default=str(ROOT / "runs" / "tune"))
     parser.add_argument("--ship", default=None, help="copy the chosen adapter here")
+    parser.add_argument(
+        "--ship-config",
+        type=int,
+        default=None,
+        help="with --ship: ship configuration K (its position in --configs) when the rule chooses "
+        "none; tune.json records it as chosen by hand, beside the rule's empty choice",
+    )
     parser.add_argument(
         "--ship-subspace",
         default=None,
@@ -214,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     except (json.JSONDecodeError, TypeError, AttributeError, TrainingError) as error:
         print(f"error: --configs: {error}", file=sys.stderr)
         return 2
+    if args.ship_config is not None and not 0 <= args.ship_config < len(configs):
+        print(
+            f"error: --ship-config {args.ship_config}: --configs has {len(configs)} entries",
+            file=sys.stderr,
+        )
+        return 2
     dev = load_config(args.dev_config)
     final = load_config(args.scored_config)
     if (dev.model, dev.languages) != (final.model, final.languages) or dev.model != args.model:
@@ -303,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         row["subspace"] = str(path)
         judge(row, args.max_likelihood_drop, args.max_english_drop, args.criterion)
     chosen = choose(rows)
+    by_hand = None
+    if chosen is None and args.ship_config is not None:
+        by_hand = rows[args.ship_config]
     dev_ids = sorted({i for o in document["outcomes"] for i in o["item_ids"]})
     result = {
         "dev_config": args.dev_config,
@@ -315,13 +333,18 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
         "chosen": chosen["system"] if chosen else None,
+        "chosen_by_hand": by_hand["system"] if by_hand else None,
     }
     (out / "tune.json").write_text(json.dumps(result, indent=1))
     print(format_table(rows, chosen))
-    if chosen is None:
+    if chosen is None and by_hand is None:
         print(f"no configuration gained {args.criterion} within the constraints; nothing chosen")
         return 1 if args.ship else 0
-    print(f"chosen: {chosen['system']} {json.dumps(chosen['overrides'])}")
+    if chosen is None:
+        print(f"the rule chose nothing; shipping {by_hand['system']} as asked (--ship-config)")
+        chosen = by_hand
+    else:
+        print(f"chosen: {chosen['system']} {json.dumps(chosen['overrides'])}")
     if args.ship:
         adapter = SteeringAdapter.from_pretrained(
             out / "configs" / chosen["system"].removeprefix("lens-") / "adapter"

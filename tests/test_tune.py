@@ -120,3 +120,22 @@ def test_an_accuracy_that_falls_beyond_its_interval_breaks_a_constraint(tune):
     assert rows[0]["broken"] == ["targets multiemo -8.0 points [-13.0, -3.0]"]
     assert rows[1]["broken"] == []
     assert tune.choose(rows)["system"] == "b"
+
+
+def test_ship_config_out_of_range_is_an_error_naming_it(tune, capsys):
+    code = tune.main(
+        [
+            "--configs",
+            "[{}]",
+            "--ship-config",
+            "3",
+            "--subspace",
+            "unused",
+            "--dev-config",
+            "unused.toml",
+            "--scored-config",
+            "unused.toml",
+        ]
+    )
+    assert code == 2
+    assert "--ship-config 3: --configs has 1 entries" in capsys.readouterr().err
