@@ -312,3 +312,39 @@ def test_the_shipped_smollm2_adapter_fits_its_model_and_subspace(tmp_path):
     adapter.save_pretrained(tmp_path / "copy")
     with torch.no_grad(), SteeringAdapter.from_pretrained(tmp_path / "copy").apply(model):
         assert torch.equal(model(**ids).logits, steered)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_the_shipped_default_model_adapter_fits_its_model_and_subspace():
+    """checkpoints/qwen2.5-coder-0.5b-instruct-lens (made by recipes/lens_qwen0.5b.sh): fits the
+    default model and its shipped subspace, records the setting shipped (alpha 0.1, no pull), its
+    training items and the dev items it was compared on, disjoint."""
+    from pathlib import Path
+
+    from lenssteer.models import load_model
+    from lenssteer.subspace import Subspace
+
+    root = Path(__file__).resolve().parent.parent
+    adapter = SteeringAdapter.from_pretrained(
+        root / "checkpoints" / "qwen2.5-coder-0.5b-instruct-lens"
+    )
+    tokenizer, model = load_model("qwen2.5-coder-0.5b-instruct")
+    adapter.check_base_model(model)
+    subspace = Subspace.load(root / adapter.config.subspace["path"])
+    subspace.check_fits(model)
+    assert subspace.metadata["representation"] == "final_norm"
+    hyper = adapter.config.hyperparameters
+    assert (hyper["alpha"], hyper["pull_weight"], hyper["normalization"]) == (
+        0.1,
+        0.0,
+        "scale_free",
+    )
+    assert len(adapter.config.training_items) == 300 and adapter.config.selection_items
+    assert not set(adapter.config.training_items) & set(adapter.config.selection_items)
+    ids = tokenizer("Erkläre kurz, warum der Himmel blau ist.", return_tensors="pt")
+    with torch.no_grad():
+        base = model(**ids).logits
+        with adapter.apply(model):
+            steered = model(**ids).logits
+        assert not torch.equal(base, steered) and torch.equal(model(**ids).logits, base)
