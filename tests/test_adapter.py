@@ -281,27 +281,35 @@ def test_not_an_adapter_folder(tmp_path):
         SteeringAdapter.from_pretrained(tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.ci
-def test_the_shipped_smollm2_adapter_fits_its_model_and_subspace(tmp_path):
-    """checkpoints/smollm2-135m-instruct-lens (made by recipes/lens_smollm2.sh) loads onto the
-    bundled model, names a shipped subspace that fits it, records what it was trained and chosen on,
-    changes the top layers only while applied, and survives save -> load with identical outputs."""
+def _shipped(folder: str, model_name: str):
+    """A shipped adapter with its model, after the checks every shipped adapter must pass: it fits
+    the bundled model, names a shipped subspace (final norm) that fits it, and records its training
+    items and the dev items it was chosen on, disjoint."""
     from pathlib import Path
 
     from lenssteer.models import load_model
     from lenssteer.subspace import Subspace
 
     root = Path(__file__).resolve().parent.parent
-    adapter = SteeringAdapter.from_pretrained(root / "checkpoints" / "smollm2-135m-instruct-lens")
-    tokenizer, model = load_model("smollm2-135m-instruct")
+    adapter = SteeringAdapter.from_pretrained(root / "checkpoints" / folder)
+    tokenizer, model = load_model(model_name)
     adapter.check_base_model(model)
     subspace = Subspace.load(root / adapter.config.subspace["path"])
     subspace.check_fits(model)
     assert subspace.metadata["representation"] == "final_norm"
-    assert adapter.config.hyperparameters["pull_weight"] == 0.0  # the setting chosen on dev items
     assert len(adapter.config.training_items) == 300 and adapter.config.selection_items
     assert not set(adapter.config.training_items) & set(adapter.config.selection_items)
+    return adapter, tokenizer, model
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_the_shipped_smollm2_adapter_fits_its_model_and_subspace(tmp_path):
+    """checkpoints/smollm2-135m-instruct-lens (made by recipes/lens_smollm2.sh): the shipped
+    checks, the setting chosen on dev items, top layers only while applied, and save -> load with
+    identical outputs."""
+    adapter, tokenizer, model = _shipped("smollm2-135m-instruct-lens", "smollm2-135m-instruct")
+    assert adapter.config.hyperparameters["pull_weight"] == 0.0  # the setting chosen on dev items
     ids = tokenizer("Erkläre kurz, warum der Himmel blau ist.", return_tensors="pt")
     with torch.no_grad():
         base = model(**ids).logits
@@ -317,34 +325,12 @@ def test_the_shipped_smollm2_adapter_fits_its_model_and_subspace(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ci
 def test_the_shipped_default_model_adapter_fits_its_model_and_subspace():
-    """checkpoints/qwen2.5-coder-0.5b-instruct-lens (made by recipes/lens_qwen0.5b.sh): fits the
-    default model and its shipped subspace, records the setting shipped (alpha 0.1, no pull), its
-    training items and the dev items it was compared on, disjoint."""
-    from pathlib import Path
-
-    from lenssteer.models import load_model
-    from lenssteer.subspace import Subspace
-
-    root = Path(__file__).resolve().parent.parent
-    adapter = SteeringAdapter.from_pretrained(
-        root / "checkpoints" / "qwen2.5-coder-0.5b-instruct-lens"
-    )
-    tokenizer, model = load_model("qwen2.5-coder-0.5b-instruct")
-    adapter.check_base_model(model)
-    subspace = Subspace.load(root / adapter.config.subspace["path"])
-    subspace.check_fits(model)
-    assert subspace.metadata["representation"] == "final_norm"
+    """checkpoints/qwen2.5-coder-0.5b-instruct-lens (made by recipes/lens_qwen0.5b.sh): the shipped
+    checks and the setting shipped (alpha 0.1, no pull, scale-free units)."""
+    adapter, _, _ = _shipped("qwen2.5-coder-0.5b-instruct-lens", "qwen2.5-coder-0.5b-instruct")
     hyper = adapter.config.hyperparameters
     assert (hyper["alpha"], hyper["pull_weight"], hyper["normalization"]) == (
         0.1,
         0.0,
         "scale_free",
     )
-    assert len(adapter.config.training_items) == 300 and adapter.config.selection_items
-    assert not set(adapter.config.training_items) & set(adapter.config.selection_items)
-    ids = tokenizer("Erkläre kurz, warum der Himmel blau ist.", return_tensors="pt")
-    with torch.no_grad():
-        base = model(**ids).logits
-        with adapter.apply(model):
-            steered = model(**ids).logits
-        assert not torch.equal(base, steered) and torch.equal(model(**ids).logits, base)
