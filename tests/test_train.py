@@ -872,13 +872,14 @@ def test_scale_free_training_starts_at_unit_pull_and_records_its_units(setup, to
 
 
 def test_an_adapter_config_without_normalization_means_mse():
-    """Adapters made before the option (the shipped one) keep their meaning: raw MSE units."""
+    """Adapters made before the option (the shipped quickstart one) keep their meaning: raw MSE
+    units."""
     from lenssteer.adapter import SteeringAdapter
 
     folder = Path(__file__).resolve().parents[1] / "checkpoints"
-    shipped = sorted(folder.glob("*/adapter_config.json"))
-    assert shipped, "the shipped adapter is missing"
-    adapter = SteeringAdapter.from_pretrained(shipped[0].parent)
+    adapter = SteeringAdapter.from_pretrained(
+        folder / "qwen2.5-coder-0.5b-instruct-lens-quickstart"
+    )
     assert "normalization" not in adapter.config.hyperparameters
     config = TrainConfig.from_dict(adapter.config.hyperparameters)
     assert config.normalization == "mse" and config.representation == "residual"
