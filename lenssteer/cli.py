@@ -693,9 +693,10 @@ def _add_compare(subparsers) -> None:
         help="score base model, Lens adapters, XTransplant and subspace baselines side by side",
         description="Score every system on identical items with identical settings (built-in "
         "tasks: mmlu-translated, mmlu-open, multiemo, bible-continuation, bible-likelihood, "
-        "bible-retrieval, language-fidelity; or JSON/JSONL task files) and write report.md, report.json and one PNG per task: scores with 95% "
-        "intervals and differences to the base model (paired bootstrap). Flags override the "
-        "config file.",
+        "bible-retrieval, language-fidelity; or JSON/JSONL task files) and write report.md, "
+        "report.json and one PNG per task: scores with 95% intervals and differences to the base "
+        "model (paired bootstrap). Flags override the config file; an interrupted run continues "
+        "where it stopped.",
         epilog=EPILOG,
     )
     parser.add_argument("--config", help="TOML config, e.g. recipes/compare_quickstart.toml")
