@@ -1297,12 +1297,11 @@ class _Journal:
     The file is removed once the report is written.
     """
 
-    def __init__(self, out: Path, identity: str) -> None:
+    def __init__(self, out: Path, identity: str, resume: bool = True) -> None:
         self.path = out.parent / f".{out.name}.partial.jsonl"
-        self.identity = identity
         self.done: dict[str, dict[str, Any]] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+        if resume and self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             if lines and lines[0] == json.dumps({"identity": identity}):
                 for line in lines[1:]:
@@ -1418,11 +1417,8 @@ def run_comparison(
 
     journal = None
     if write:
-        journal = _Journal(out, _run_identity(config, base_fingerprint, systems))
-        if not resume:
-            journal.done.clear()
-            journal.path.write_text(json.dumps({"identity": journal.identity}) + "\n")
-        elif journal.done and progress:
+        journal = _Journal(out, _run_identity(config, base_fingerprint, systems), resume)
+        if journal.done and progress:
             print(
                 f"continuing an interrupted run: {len(journal.done)} units already scored "
                 f"({journal.path})",
