@@ -105,6 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --ship: copy the chosen adapter's subspace here and point the adapter at it",
     )
     parser.add_argument(
+        "--earlier-selection",
+        action="append",
+        default=[],
+        metavar="ADAPTER",
+        help="an adapter whose dev items chose the settings this sweep starts from (e.g. an earlier "
+        "sweep's shipped adapter); with --ship its selection_items are recorded too, so the "
+        "scored comparison never scores an item that chose anything (repeatable)",
+    )
+    parser.add_argument(
         "--only",
         default=None,
         help="train only these configurations (comma-separated positions in --configs) and stop "
@@ -173,6 +182,17 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(allowed, key=lambda r: r["gain"]) if allowed else None
 
 
+def selection_ids(dev_ids: list[str], earlier: list[str]) -> list[str]:
+    """The item ids a shipped adapter records as chosen on: this sweep's dev items and those of
+    every ``earlier`` adapter (an error names a folder that is not an adapter)."""
+    from lenssteer.adapter import SteeringAdapter
+
+    ids = set(dev_ids)
+    for folder in earlier:
+        ids.update(SteeringAdapter.from_pretrained(folder).config.selection_items)
+    return sorted(ids)
+
+
 def format_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
     tasks = list(rows[0]["targets"]) if rows else []
     lines = ["system | gain | " + " | ".join(f"{t} (targets; en)" for t in tasks) + " | broken"]
@@ -196,7 +216,7 @@ def format_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lenssteer.adapter import SteeringAdapter
+    from lenssteer.adapter import AdapterError, SteeringAdapter
     from lenssteer.compare import (
         SystemConfig,
         load_config,
@@ -228,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             f"error: --ship-config {args.ship_config}: --configs has {len(configs)} entries",
             file=sys.stderr,
         )
+        return 2
+    try:  # before hours of training: every earlier adapter must load
+        selection_ids([], args.earlier_selection)
+    except AdapterError as error:
+        print(f"error: --earlier-selection: {error}", file=sys.stderr)
         return 2
     dev = load_config(args.dev_config)
     final = load_config(args.scored_config)
@@ -349,12 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         adapter = SteeringAdapter.from_pretrained(
             out / "configs" / chosen["system"].removeprefix("lens-") / "adapter"
         )
-        adapter.config.selection_items = dev_ids
+        adapter.config.selection_items = selection_ids(dev_ids, args.earlier_selection)
         if args.ship_subspace:
             loaded_subspaces[chosen["subspace"]].save(args.ship_subspace)
             adapter.config.subspace["path"] = str(args.ship_subspace)
         adapter.save_pretrained(args.ship)
-        print(f"shipped to {args.ship} ({len(dev_ids)} dev item ids recorded as selection_items)")
+        recorded = len(adapter.config.selection_items)
+        print(f"shipped to {args.ship} ({recorded} dev item ids recorded as selection_items)")
     return 0
 
 

@@ -139,3 +139,20 @@ def test_ship_config_out_of_range_is_an_error_naming_it(tune, capsys):
     )
     assert code == 2
     assert "--ship-config 3: --configs has 1 entries" in capsys.readouterr().err
+
+
+def test_a_shipped_adapter_records_the_earlier_sweeps_items_too(tune):
+    shipped = ROOT / "checkpoints" / "smollm2-135m-instruct-lens"
+    from lenssteer.adapter import SteeringAdapter
+
+    earlier = SteeringAdapter.from_pretrained(shipped).config.selection_items
+    assert earlier  # chosen on dev items by the first sweep
+    ids = tune.selection_ids(["multiemo/de/dev-item"], [str(shipped)])
+    assert set(ids) == set(earlier) | {"multiemo/de/dev-item"} and ids == sorted(ids)
+
+
+def test_an_earlier_selection_that_is_not_an_adapter_is_an_error_before_training(tune, capsys):
+    args = ["--configs", "[{}]", "--subspace", "unused", "--dev-config", "unused.toml"]
+    code = tune.main([*args, "--scored-config", "unused.toml", "--earlier-selection", "nope"])
+    assert code == 2
+    assert "--earlier-selection: adapter folder nope does not exist" in capsys.readouterr().err
