@@ -81,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "runs" / "quickstart"))
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="the frozen model's weights while training, checking and answering (default: "
+        "bfloat16, about 3.5x faster on CPU than float32, benchmarks/RESULTS.md s. 8; the LoRA "
+        "weights train in float32 either way); the comparison uses its config's dtype",
+    )
     parser.add_argument("--skip-compare", action="store_true", help="stop after the adapter check")
     parser.add_argument("--compare-limit", type=int, help="items per task and language in compare")
     parser.add_argument(
@@ -138,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             args.corpus, languages, args.train_items, args.heldout_items, seed=args.seed
         )
     print(
-        f"[quickstart] {args.model}; {train.source}; {len(train)} training and "
+        f"[quickstart] {args.model} ({args.dtype}); {train.source}; {len(train)} training and "
         f"{len(heldout)} held-out items per language\n"
     )
 
-    tokenizer, model = load_model(args.model)
+    tokenizer, model = load_model(args.model, args.dtype)
     result = run_quickstart_training(
         model,
         tokenizer,
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "QUICKSTART.md",
         "# Quickstart run\n\n"
         f"Command: `bash recipes/quickstart.sh {' '.join(sys.argv[1:])}`\n\n"
+        f"Model: {args.model}, frozen weights in {args.dtype}\n\n"
         "## Probe\n\n"
         + format_diagnostics(result["subspace"])
         + "\n\n## Held-out check\n\n"
