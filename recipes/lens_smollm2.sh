@@ -8,6 +8,10 @@
 # (recipes/compare_lens_smollm2.toml). Everything else lands in runs/lens-smollm2/. On 2 cores:
 # probes about 5 min each, about 8 min per configuration, the dev comparison about 15 min, the
 # scored one about 25 min (3 h in all; tune_lens.py --only K,... trains on several processes).
+# Step 2 (after the shipped adapter lowered multiemo on the scored items): four variations of the
+# shipped setting, trained in bfloat16 and scored on dev items that include multiemo reviews
+# (recipes/tune_lens_smollm2_multiemo.toml); the rule chose none of them, so nothing is shipped by
+# it (about 8 min per configuration and 9 min of dev scoring on 1 thread; docs/lens-study.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash recipes/setup_env.sh
@@ -24,4 +28,10 @@ configs=$(sed "s#RESIDUAL_SUBSPACE#$out/subspace-residual#" recipes/lens_smollm2
     --dev-config recipes/tune_lens_smollm2.toml --scored-config recipes/compare_lens_smollm2.toml \
     --ship checkpoints/smollm2-135m-instruct-lens \
     --ship-subspace subspaces/smollm2-135m-instruct-instructions-final-norm
+.venv/bin/python recipes/tune_lens.py --preset instructions --model smollm2-135m-instruct \
+    --subspace subspaces/smollm2-135m-instruct-instructions-final-norm --corpus instructions \
+    --languages en,de,es,fr,it --limit 300 --train-dtype bfloat16 \
+    --configs '[{}, {"alpha": 0.15}, {"n_layers": 1}, {"lora_rank": 4}]' \
+    --dev-config recipes/tune_lens_smollm2_multiemo.toml \
+    --scored-config recipes/compare_full_smollm2-135m-instruct.toml --out "$out/tune-multiemo"
 "$lenssteer" compare --config recipes/compare_lens_smollm2.toml
