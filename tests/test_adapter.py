@@ -326,11 +326,12 @@ def test_the_shipped_smollm2_adapter_fits_its_model_and_subspace(tmp_path):
 @pytest.mark.ci
 def test_the_shipped_default_model_adapter_fits_its_model_and_subspace():
     """checkpoints/qwen2.5-coder-0.5b-instruct-lens (made by recipes/lens_qwen0.5b.sh): the shipped
-    checks and the setting shipped (alpha 0.1, no pull, scale-free units)."""
+    checks and the setting shipped (alpha 0.1, LoRA rank 4, no pull, scale-free units)."""
     adapter, _, _ = _shipped("qwen2.5-coder-0.5b-instruct-lens", "qwen2.5-coder-0.5b-instruct")
     hyper = adapter.config.hyperparameters
-    assert (hyper["alpha"], hyper["pull_weight"], hyper["normalization"]) == (
+    assert (hyper["alpha"], hyper["lora_rank"], hyper["pull_weight"], hyper["normalization"]) == (
         0.1,
+        4,
         0.0,
         "scale_free",
     )
