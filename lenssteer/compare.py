@@ -1592,7 +1592,8 @@ def _systems_note(systems: Sequence[_PreparedSystem]) -> str:
             text = (
                 f"language vector (mean of X minus mean of the central language) added at layer "
                 f"{d.get('layer')} with strength {d.get('strength')}, chosen on dev verses "
-                "disjoint from the scored ones (criterion: target-language log-likelihood per byte)"
+                "disjoint from the scored ones (criterion: "
+                f"{(d.get('selection') or {}).get('criterion', 'not recorded')})"
             )
         elif d["kind"] == "xtransplant":
             text = (

@@ -595,10 +595,13 @@ def test_language_shift_system_chosen_on_dev_verses(setup, tokenizer, tmp_path):
             ),
         ],
     )
-    document = run_comparison(config, progress=False, loaded=(tokenizer, model), write=False)
+    document = run_comparison(config, progress=False, loaded=(tokenizer, model))
     described = document["metadata"]["systems"]["shift"]
     selection = described["selection"]
     assert len(selection["grid"]) == 1 + 2 * 2  # strength 0 once, then every (layer, strength)
+    # The report names the criterion this run chose by (it once always said "likelihood").
+    assert selection["criterion"].startswith("mean dev log-likelihood")
+    assert f"(criterion: {selection['criterion']})" in (tmp_path / "r" / "report.md").read_text()
     best = max(row["dev_loglik_per_byte"] for row in selection["grid"])
     chosen = next(
         row
