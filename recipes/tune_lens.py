@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:  # before hours of training: every earlier adapter must load
-        selection_ids([], args.earlier_selection)
+    try:  # read before hours of training: every earlier adapter must load
+        earlier_ids = selection_ids([], args.earlier_selection)
     except AdapterError as error:
         print(f"error: --earlier-selection: {error}", file=sys.stderr)
         return 2
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter = SteeringAdapter.from_pretrained(
             out / "configs" / chosen["system"].removeprefix("lens-") / "adapter"
         )
-        adapter.config.selection_items = selection_ids(dev_ids, args.earlier_selection)
+        adapter.config.selection_items = sorted({*dev_ids, *earlier_ids})
         if args.ship_subspace:
             loaded_subspaces[chosen["subspace"]].save(args.ship_subspace)
             adapter.config.subspace["path"] = str(args.ship_subspace)
