@@ -211,8 +211,8 @@ class CompareConfig:
             raise CompareConfigError(
                 f"padding_side must be left or right, not {self.padding_side!r}"
             )
-        if self.dtype not in ("float32", "bfloat16"):
-            raise CompareConfigError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise CompareConfigError(f"dtype must be float32, bfloat16 or auto, not {self.dtype!r}")
         if self.batch_size < 1:
             raise CompareConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not isinstance(self.exclude_items, list) or not all(

@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "BUNDLED_MODELS",
     "BundledModel",
     "DTYPES",
+    "native_bfloat16",
     "ModelLoadError",
     "ModuleDiscoveryError",
     "ModuleNames",
@@ -281,13 +284,15 @@ def load_model(
 
     The model is in eval mode; ``model.lenssteer_identity`` holds the id, revision and weights
     fingerprint used to key caches and to check that an adapter fits this model. ``dtype``
-    (``"float32"``, ``"bfloat16"``; CLI ``--dtype``): the weights are read in float32, fingerprinted
-    (so adapters and subspaces made in either dtype fit) and then cast; a non-float32 identity
-    also records ``dtype`` and ``loaded_fingerprint`` (the cast weights' fingerprint).
+    (``"float32"``, ``"bfloat16"``, ``"auto"``; CLI ``--dtype``): the weights are read in float32,
+    fingerprinted (so adapters and subspaces made in either dtype fit) and then cast; a non-float32
+    identity also records ``dtype`` and ``loaded_fingerprint`` (the cast weights' fingerprint).
+    ``"auto"`` is bfloat16 where ``device`` computes it natively (:func:`native_bfloat16`), else
+    float32.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     key = name_or_path.lower()
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if key in BUNDLED_MODELS:
@@ -319,18 +324,22 @@ def load_model(
         "revision": revision or getattr(model.config, "_commit_hash", None) or "local",
         "fingerprint": weights_fingerprint(model),
     }
-    cast_model(model, dtype)
+    cast_model(model, dtype, warn=False)  # still on the CPU here, whatever ``device`` is
     model.to(device).eval()
+    _warn_slow_bfloat16(model)
     return tokenizer, model
 
 
-def cast_model(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
+def cast_model(model: nn.Module, dtype: torch.dtype | str, warn: bool = True) -> nn.Module:
     """Cast ``model`` in place to ``dtype``, keeping its identity (the checkpoint's fingerprint).
 
     A non-float32 identity records ``dtype`` and ``loaded_fingerprint`` (the fingerprint of the cast
-    weights, which :func:`loaded_fingerprint` returns for the live weight checks).
+    weights, which :func:`loaded_fingerprint` returns for the live weight checks). ``"auto"``
+    resolves for the model's device. ``warn``: a UserWarning when bfloat16 lands on a CPU that
+    emulates it (:func:`native_bfloat16`).
     """
-    dtype = resolve_dtype(dtype)
+    parameter = next(model.parameters(), None)
+    dtype = resolve_dtype(dtype, parameter.device if parameter is not None else "cpu")
     identity = dict(model_identity(model))
     identity.pop("dtype", None)
     identity.pop("loaded_fingerprint", None)
@@ -341,7 +350,53 @@ def cast_model(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
     if dtype != torch.float32 or was != torch.float32:  # the live weights are not the checkpoint's
         identity["loaded_fingerprint"] = weights_fingerprint(model)
     model.lenssteer_identity = identity
+    if warn:
+        _warn_slow_bfloat16(model)
     return model
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return set(value.split())
+    return set()
+
+
+def native_bfloat16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware, so bfloat16 beats float32.
+
+    CUDA: when the GPU supports bfloat16. CPU: x86 AMX or AVX512-BF16, ARM's BF16 extension (read
+    from the CPU's flags on Linux; elsewhere False). Without them PyTorch emulates bfloat16 on the
+    CPU: on an AVX-512 Xeon without them (2 threads) a 1024x1024 matrix product ran 4-5x and a
+    SmolLM2 prefill 3-4x slower than in float32, while with AMX bfloat16 scored 3.5x faster than
+    float32 (benchmarks/RESULTS.md s. 8).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or platform.system() != "Linux":
+        return False
+    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def _warn_slow_bfloat16(model: nn.Module) -> None:
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.dtype != torch.bfloat16 or parameter.device.type != "cpu":
+        return
+    if not native_bfloat16("cpu"):
+        warnings.warn(
+            "bfloat16 weights on a CPU without bfloat16 instructions (AMX, AVX512-BF16): PyTorch "
+            'emulates them, 3-5x slower than float32 (measured on an AVX-512 Xeon); --dtype auto (or dtype = "auto" '
+            "in a config) chooses float32 on such a CPU",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 DTYPES: dict[str, torch.dtype] = {
@@ -351,14 +406,20 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """``torch.float32`` for ``None``; a name (``"bfloat16"``, ``"torch.bfloat16"``) or a dtype."""
+def resolve_dtype(
+    dtype: torch.dtype | str | None, device: str | torch.device = "cpu"
+) -> torch.dtype:
+    """``torch.float32`` for ``None``; a name (``"bfloat16"``, ``"torch.bfloat16"``) or a dtype;
+    ``"auto"``: bfloat16 where ``device`` computes it natively (:func:`native_bfloat16`), else
+    float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str):
         key = dtype.removeprefix("torch.")
+        if key == "auto":
+            return torch.bfloat16 if native_bfloat16(device) else torch.float32
         if key not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)} or auto")
         return DTYPES[key]
     if dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")

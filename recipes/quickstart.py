@@ -83,11 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument(
         "--dtype",
-        choices=["bfloat16", "float32"],
-        default="bfloat16",
-        help="the frozen model's weights while training, checking and answering (default: "
-        "bfloat16, about 3.5x faster on CPU than float32, benchmarks/RESULTS.md s. 8; the LoRA "
-        "weights train in float32 either way); the comparison uses its config's dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="the frozen model's weights while training, checking and answering (default: auto, "
+        "bfloat16 on a CPU with bfloat16 instructions (AMX, AVX512-BF16; about 3.5x faster than "
+        "float32, benchmarks/RESULTS.md s. 8), float32 on one without (emulated bfloat16 is about "
+        "4x slower); the LoRA weights train in float32 either way); the comparison uses its "
+        "config's dtype (auto too)",
     )
     parser.add_argument("--skip-compare", action="store_true", help="stop after the adapter check")
     parser.add_argument("--compare-limit", type=int, help="items per task and language in compare")
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lenssteer.adapter import generate
     from lenssteer.io import atomic_write_text
-    from lenssteer.models import load_model
+    from lenssteer.models import dtype_name, load_model, resolve_dtype
     from lenssteer.probe import format_diagnostics
     from lenssteer.quickstart import quickstart_corpora, run_quickstart_training
     from lenssteer.train import PRESETS
@@ -145,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         train, heldout = instruction_training_corpora(
             args.corpus, languages, args.train_items, args.heldout_items, seed=args.seed
         )
+    dtype = dtype_name(resolve_dtype(args.dtype))  # auto -> what this machine computes fastest
     print(
-        f"[quickstart] {args.model} ({args.dtype}); {train.source}; {len(train)} training and "
+        f"[quickstart] {args.model} ({dtype}); {train.source}; {len(train)} training and "
         f"{len(heldout)} held-out items per language\n"
     )
 
-    tokenizer, model = load_model(args.model, args.dtype)
+    tokenizer, model = load_model(args.model, dtype)
     result = run_quickstart_training(
         model,
         tokenizer,
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "QUICKSTART.md",
         "# Quickstart run\n\n"
         f"Command: `bash recipes/quickstart.sh {' '.join(sys.argv[1:])}`\n\n"
-        f"Model: {args.model}, frozen weights in {args.dtype}\n\n"
+        f"Model: {args.model}, frozen weights in {dtype}\n\n"
         "## Probe\n\n"
         + format_diagnostics(result["subspace"])
         + "\n\n## Held-out check\n\n"

@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--train-dtype",
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "auto"],
         default="float32",
         help="frozen weights while training (default float32); the dev comparison runs in its "
         "config's dtype",
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         scored_item_ids,
     )
     from lenssteer.data import load_corpus
-    from lenssteer.models import cast_model, load_model
+    from lenssteer.models import cast_model, load_model, model_dtype, resolve_dtype
     from lenssteer.subspace import Subspace
     from lenssteer.train import (
         PRESETS,
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if only is not None:
         print(f"trained {sorted(only)}; run again without --only for the comparison")
         return 0
-    if dev.dtype != args.train_dtype:  # score in the dev config's dtype (e.g. bf16: faster)
+    if resolve_dtype(dev.dtype) != model_dtype(model):  # score in the dev config's dtype
         cast_model(model, dev.dtype)
     scored = scored_item_ids(final)
     dev.exclude_items = sorted({i for ids in scored.values() for i in ids})

@@ -47,6 +47,55 @@ def test_resolve_dtype():
         resolve_dtype("int8")
 
 
+@pytest.mark.parametrize(
+    "flags, system, expected",
+    [
+        ({"avx2", "avx512f", "amx_bf16"}, "Linux", BF16),  # Sapphire Rapids and later
+        ({"avx2", "avx512f", "avx512_bf16"}, "Linux", BF16),  # Cooper Lake, Zen 4
+        ({"fp", "asimd", "bf16"}, "Linux", BF16),  # ARM with the BF16 extension
+        ({"avx2", "avx512f", "avx512_vnni"}, "Linux", torch.float32),  # emulated bfloat16
+        ({"amx_bf16"}, "Darwin", torch.float32),  # flags unread off Linux: the safe choice
+    ],
+)
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(
+    monkeypatch, flags, system, expected
+):
+    import lenssteer.models as models
+
+    monkeypatch.setattr(models, "_cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(models.platform, "system", lambda: system)
+    assert resolve_dtype("auto") is expected
+    assert resolve_dtype("auto", "cpu") is expected
+
+
+def test_cpu_flags_are_read_on_linux():
+    import platform
+
+    import lenssteer.models as models
+
+    if platform.system() != "Linux":
+        pytest.skip("CPU flags are read from /proc/cpuinfo")
+    assert models._cpu_flags(), "no flags line in /proc/cpuinfo"
+
+
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch, tiny_folder):
+    import warnings
+
+    import lenssteer.models as models
+
+    monkeypatch.setattr(models.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    with pytest.warns(UserWarning, match="without bfloat16 instructions"):
+        load_model(str(tiny_folder), dtype="bfloat16")
+    _, model = load_model(str(tiny_folder), dtype="auto")
+    assert model_dtype(model) is torch.float32
+    monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, model = load_model(str(tiny_folder), dtype="auto")
+    assert model_dtype(model) is BF16
+
+
 def test_load_model_in_bfloat16_keeps_the_checkpoint_fingerprint(tiny_folder):
     _, fp32 = load_model(str(tiny_folder))
     _, bf16 = load_model(str(tiny_folder), dtype="bfloat16")
@@ -143,6 +192,7 @@ def test_every_model_command_takes_one_dtype_flag():
     for command, extra in commands.items():
         args = parser.parse_args([command, *extra, "--dtype", "bfloat16"])
         assert args.dtype == "bfloat16", command
+        assert parser.parse_args([command, *extra, "--dtype", "auto"]).dtype == "auto", command
         with pytest.raises(SystemExit):
             parser.parse_args([command, *extra, "--dtype", "int8"])
     assert parser.parse_args(["probe"]).dtype == "float32"
@@ -157,6 +207,8 @@ def test_compare_config_dtype_is_checked():
     )
     with pytest.raises(CompareConfigError, match="dtype"):
         config.validate()
+    config.dtype = "auto"
+    config.validate()
 
 
 # --------------------------------------------------------------------------------------------------
