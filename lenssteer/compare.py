@@ -529,12 +529,50 @@ class LanguageShiftScorer(ModelScorer):
 
 
 class TransplantScorer(ModelScorer):
-    """XTransplant from the aligned central-language prompt, one (source, target) pair per language."""
+    """XTransplant from the aligned central-language prompt, one (source, target) pair per language.
 
-    def __init__(self, pairs: Mapping[str, tuple[int, int]], granularity: str, *args, **kwargs):
+    Every target language borrows from the same central-language prompts, so each distinct donor
+    prompt runs once per comparison: its outputs at every source layer the pairs use are recorded
+    in one pass and kept in ``donor_cache`` (shared across units), not recomputed per language.
+    """
+
+    def __init__(
+        self,
+        pairs: Mapping[str, tuple[int, int]],
+        granularity: str,
+        donor_cache: dict[tuple[str, bool], torch.Tensor],
+        *args,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.pairs = dict(pairs)
         self.granularity = granularity
+        self.donor_cache = donor_cache
+
+    def donor_vectors(
+        self, donors: Sequence[str], language: str, add_special_tokens: bool
+    ) -> torch.Tensor:
+        """``(n, hidden)``: each donor's output at ``language``'s source layer, recorded once."""
+        from lenssteer.transplant import record_donor_activations
+
+        sources = sorted({source for source, _ in self.pairs.values()})
+        missing = list(
+            dict.fromkeys(d for d in donors if (d, add_special_tokens) not in self.donor_cache)
+        )
+        if missing:
+            recorded = record_donor_activations(
+                self.model,
+                self.tokenizer,
+                missing,
+                sources,
+                [self.granularity],
+                self.config.batch_size,
+                add_special_tokens,
+            )[self.granularity]
+            for donor, values in zip(missing, recorded, strict=True):
+                self.donor_cache[(donor, add_special_tokens)] = values  # (len(sources), hidden)
+        column = sources.index(self.pairs[language][0])
+        return torch.stack([self.donor_cache[(d, add_special_tokens)][column] for d in donors])
 
     def supports(self, language: str) -> bool:
         return super().supports(language) and (
@@ -574,6 +612,7 @@ class TransplantScorer(ModelScorer):
             batch_size=self.config.batch_size,
             add_special_tokens=add_special_tokens,
             progress=self.progress,
+            donor_vectors=self.donor_vectors(donors, language, add_special_tokens),
         )
         return [scores[i, : len(o)].tolist() for i, o in enumerate(options)]
 
@@ -611,6 +650,7 @@ class TransplantScorer(ModelScorer):
             batch_size=batch_size or self.config.batch_size,
             add_special_tokens=add_special_tokens,
             progress=self.progress,
+            donor_vectors=self.donor_vectors(donors, language, add_special_tokens),
         )
         return [answer.strip() for answer in answers]
 
@@ -630,6 +670,7 @@ class _PreparedSystem:
     baseline: Any = None
     pairs: dict[str, tuple[int, int]] = field(default_factory=dict)
     shift: Any = None  # language-shift: a lenssteer.language_shift.LanguageShift once chosen
+    donor_cache: dict[tuple[str, bool], torch.Tensor] = field(default_factory=dict)  # xtransplant
 
 
 def _prepare_system(system: SystemConfig) -> _PreparedSystem:
@@ -911,6 +952,8 @@ def _resolve_language_shift(
         lang: [f"{FIDELITY_INSTRUCTIONS[lang]}\n\n{item.choices[0]}" for item in rows]
         for lang, rows in dev_items.items()
     }
+    # Dev answers are generated and judged as the fidelity task's are: its length and batch size.
+    fidelity = next((t.settings for t in config.tasks if t.name == "language-fidelity"), {})
     prepared.shift = choose_layer_and_strength(
         model,
         tokenizer,
@@ -924,7 +967,9 @@ def _resolve_language_shift(
         progress,
         criterion=system.criterion,
         dev_prompts=dev_prompts,
+        max_new_tokens=int(fidelity.get("max_new_tokens", 24)),
         max_likelihood_drop=system.max_likelihood_drop,
+        generation_batch_size=int(fidelity.get("batch_size", config.batch_size)),
     )
     prepared.description.update(prepared.shift.describe())
     prepared.description["selection"].update(
@@ -966,7 +1011,13 @@ def _activate(
         yield LanguageShiftScorer(prepared.shift, model, tokenizer, config, progress)
     elif kind == "xtransplant":
         yield TransplantScorer(
-            prepared.pairs, prepared.config.granularity, model, tokenizer, config, progress
+            prepared.pairs,
+            prepared.config.granularity,
+            prepared.donor_cache,
+            model,
+            tokenizer,
+            config,
+            progress,
         )
     else:
         yield ModelScorer(model, tokenizer, config, progress)

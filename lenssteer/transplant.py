@@ -404,8 +404,17 @@ def _donor_vectors(
     batch_size,
     add_special_tokens,
     names,
+    recorded: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(n, hidden)``: the donors' ``granularity`` output at ``source_layer``, last real token."""
+    """``(n, hidden)``: the donors' ``granularity`` output at ``source_layer``, last real token
+    (``recorded``, checked, when given)."""
+    if recorded is not None:
+        if recorded.dim() != 2 or recorded.shape[0] != len(donor_prompts):
+            raise ValueError(
+                f"donor_vectors must be (n_donors={len(donor_prompts)}, hidden), got "
+                f"{tuple(recorded.shape)}"
+            )
+        return recorded
     source = _layer_index(model, source_layer, names)
     recorded = record_donor_activations(
         model,
@@ -441,10 +450,13 @@ def transplant_generate(
     add_special_tokens: bool | None = None,
     names: ModuleNames | None = None,
     progress: bool = False,
+    donor_vectors: torch.Tensor | None = None,
 ) -> list[str]:
     """Greedy continuations of each recipient prompt, patched from its aligned donor.
 
     ``source_layer=target_layer=None`` generates with the unpatched model (donors unused).
+    ``donor_vectors``: the donors' outputs at ``source_layer``, ``(n, hidden)``, when already
+    recorded (:func:`record_donor_activations`); the donor prompts are then not run again.
     """
     _check_aligned(donor_prompts, recipient_prompts)
     granularity = _check_granularity(granularity)
@@ -460,6 +472,7 @@ def transplant_generate(
             batch_size,
             add_special_tokens,
             names,
+            donor_vectors,
         )
     encoded = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]
     pad_id, device = pad_token_id(tokenizer), _device(model)
@@ -510,12 +523,14 @@ def transplant_loglikelihoods(
     add_special_tokens: bool | None = None,
     names: ModuleNames | None = None,
     progress: bool = False,
+    donor_vectors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of each continuation after each patched recipient prompt, from scratch.
 
     One donor pass and one full recipient pass per call; :func:`transplant_grid` is the fast way
     to score many pairs. Returns ``(n_items, max_options)``; missing options are ``-inf``.
-    ``source_layer=target_layer=None`` scores the unpatched model.
+    ``source_layer=target_layer=None`` scores the unpatched model. ``donor_vectors``: as in
+    :func:`transplant_generate`.
     """
     _check_aligned(donor_prompts, recipient_prompts)
     if len(continuations) != len(recipient_prompts):
@@ -535,6 +550,7 @@ def transplant_loglikelihoods(
             batch_size,
             add_special_tokens,
             names,
+            donor_vectors,
         )
     pad_id, device = pad_token_id(tokenizer), _device(model)
     prompts = [_encode_one(tokenizer, p, add_special_tokens) for p in recipient_prompts]

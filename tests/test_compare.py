@@ -657,6 +657,22 @@ def test_language_shift_chosen_by_dev_fidelity_within_the_likelihood_limit(setup
         max_new_tokens=3,
     )
     assert again == chosen["dev_fidelity"]
+    # answered one prompt at a time instead of in one batch: the same grid (left padding is exact)
+    one_by_one = choose_layer_and_strength(
+        model,
+        tokenizer,
+        means,
+        [1, 2],
+        [0.5, 8.0],
+        items,
+        "en",
+        max_likelihood_drop=0.0,
+        generation_batch_size=1,
+        **kwargs,
+    )
+    assert [row["dev_fidelity"] for row in one_by_one.selection["grid"]] == [
+        row["dev_fidelity"] for row in grid
+    ]
     with pytest.raises(ValueError, match="needs dev prompts"):
         choose_layer_and_strength(
             model, tokenizer, means, [1], [0.5], items, "en", criterion="fidelity"
@@ -824,3 +840,51 @@ def test_an_interrupted_comparison_continues_from_its_journal(
     document = run_comparison(config, progress=False, loaded=(tokenizer, model))
     assert "resumed" not in document["metadata"]
     assert len(added) - 2 == len(first) + len(resumed)
+
+
+def test_xtransplant_records_each_donor_once_and_matches_the_definition(
+    setup, tokenizer, monkeypatch
+):
+    """Every target language borrows from the same English prompts: the scorer records them once,
+    at every source layer its pairs use, and scores exactly what the patch from scratch gives."""
+    import lenssteer.transplant as transplant
+    from lenssteer.compare import TransplantScorer
+
+    _, model = setup
+    donors = ["Which number is even?", "Which is a colour?", "Which animal barks at night?"]
+    recipients = {
+        "de": ["Welche Zahl ist gerade?", "Was ist eine Farbe?", "Welches Tier bellt nachts?"],
+        "fr": ["Quel nombre est pair ?", "Quelle est une couleur ?", "Quel animal aboie ?"],
+    }
+    options = [[" 3", " 4 or five"], [" blue", " run"], [" dog", " cat", " a bird"]]
+    pairs = {"de": (2, 0), "fr": (1, 1)}
+    expected = {}  # the patch from scratch: one donor pass per call
+    for language, prompts in recipients.items():
+        source, target = pairs[language]
+        scores = transplant.transplant_loglikelihoods(
+            model, tokenizer, donors, prompts, options, source, target, "ffn", 2, True
+        )
+        answers = transplant.transplant_generate(
+            model, tokenizer, donors, prompts, source, target, "ffn", 4, 2, True, True
+        )
+        expected[language] = scores, [a.strip() for a in answers]
+    recorded: list[str] = []
+    real = transplant.record_donor_activations
+
+    def counting(model, tokenizer, prompts, *args, **kwargs):
+        recorded.extend(prompts)
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(transplant, "record_donor_activations", counting)
+    config = CompareConfig(languages=["en", "de", "fr"], batch_size=2)
+    scorer = TransplantScorer(pairs, "ffn", {}, model, tokenizer, config, False)
+    for language, prompts in recipients.items():
+        scores, answers = expected[language]
+        cached = scorer.score_options(prompts, options, donors, True, language, "test")
+        for row, item_options in enumerate(options):
+            assert cached[row] == pytest.approx(scores[row, : len(item_options)].tolist())
+        assert scorer.generate(prompts, donors, True, language, 4, "test") == answers
+    # Two languages, scoring and generation: each donor prompt ran once, at both source layers.
+    assert sorted(recorded) == sorted(donors)
+    assert set(scorer.donor_cache) == {(d, True) for d in donors}
+    assert all(v.shape[0] == 2 for v in scorer.donor_cache.values())  # source layers 1 and 2
