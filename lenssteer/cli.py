@@ -569,6 +569,12 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--pull-weight", type=float, help="weight of the pull term")
     parser.add_argument("--push-weight", type=float, help="weight of the push term")
     parser.add_argument("--retain-weight", type=float, help="weight of the retain term")
+    parser.add_argument(
+        "--retain-targets-weight",
+        type=float,
+        help="weight of retain_targets: target languages keep their frozen states outside the "
+        "specific subspace, so push moves them along their language direction only (default 0)",
+    )
     parser.add_argument("--alpha", type=float, help="push strength along the language direction")
     parser.add_argument("--lora-rank", type=_positive_int, help="default: 8")
     parser.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: none)")
@@ -604,6 +610,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "pull_weight": args.pull_weight,
         "push_weight": args.push_weight,
         "retain_weight": args.retain_weight,
+        "retain_targets_weight": args.retain_targets_weight,
         "alpha": args.alpha,
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,

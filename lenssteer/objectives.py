@@ -18,6 +18,11 @@ Names follow the paper (arXiv 2410.04407); the official code swaps *pull* and *p
   moved to its frozen value plus ``alpha`` times the language's direction (``BᵀB h_frozen + alpha
   d_k``), so the language keeps expressing itself, a little more strongly.
 * **retain**: the central language's state stays where the frozen model had it.
+* **retain_targets** (ours, not in Lens; weight 0 by default): each target language's state stays
+  where the frozen model had it *outside* the specific subspace, ``|(I - BᵀB)(h_t - h⁰_t)|²``.
+  With push (which moves only the specific component) it asks the adapter to move a target
+  language along its language direction and nowhere else, so what the text says is left alone.
+  It constrains what pull moves (pull acts outside the specific subspace too): use one or the other.
 
 Two normalisations (``LensObjective.normalization``) say in which units a term is measured:
 
@@ -39,6 +44,8 @@ Two normalisations (``LensObjective.normalization``) say in which units a term i
   - retain: by the spread of the frozen central states, ``s_retain[l]`` = the mean over training
     items of ``|h⁰_c - mean(h⁰_c)|²``; retain is then the held-out report's ``retain_mse_rel``
     (the central language's drift as a share of its variance).
+  - retain_targets: by the same unit ``s_retain[l]`` (the targets' drift outside the specific
+    subspace as a share of the central states' spread).
 
   Means are then taken over items, target languages and layers as before (no division by ``H``).
 
@@ -68,6 +75,7 @@ __all__ = [
     "pull_loss",
     "push_loss",
     "retain_loss",
+    "retain_targets_loss",
     "specific_part",
 ]
 
@@ -76,8 +84,8 @@ __all__ = [
 class LensObjective:
     """Weights of the three terms and the push strength ``alpha``.
 
-    ``pull_weight``, ``push_weight`` and ``retain_weight`` multiply their (mean squared error) terms;
-    any of them may be 0, but not all. ``alpha`` scales the language direction added to the frozen
+    ``pull_weight``, ``push_weight``, ``retain_weight`` and ``retain_targets_weight`` multiply their
+    (mean squared error) terms; any of them may be 0, but not all. ``alpha`` scales the language direction added to the frozen
     specific component in *push*. ``pull_space``: ``"direction"`` or ``"complement"``;
     ``normalization``: ``"mse"`` or ``"scale_free"`` (module docstring).
     """
@@ -88,6 +96,7 @@ class LensObjective:
     alpha: float = 1.0
     pull_space: str = "direction"
     normalization: str = "mse"
+    retain_targets_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pull_space not in PULL_SPACES:
@@ -99,14 +108,15 @@ class LensObjective:
                 f"normalization {self.normalization!r} is unknown; choose one of "
                 f"{', '.join(NORMALIZATIONS)}"
             )
-        for name in ("pull_weight", "push_weight", "retain_weight", "alpha"):
+        weights = ("pull_weight", "push_weight", "retain_weight", "retain_targets_weight")
+        for name in (*weights, "alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("pull_weight", "push_weight", "retain_weight"):
+        for name in weights:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.pull_weight == self.push_weight == self.retain_weight == 0:
+        if not any(getattr(self, name) for name in weights):
             raise ValueError("all loss weights are 0: there is nothing to train")
 
     def to_dict(self) -> dict[str, float | str]:
@@ -185,6 +195,26 @@ def retain_loss(
     return squared.mean()
 
 
+def retain_targets_loss(
+    target: torch.Tensor,
+    frozen_target: torch.Tensor,
+    basis: torch.Tensor,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared distance of the target languages' states from the frozen ones, outside the
+    specific subspace: ``|(I - BᵀB)(h_t - h⁰_t)|²``.
+
+    ``target``, ``frozen_target``: ``(B, T, L, H)``; ``basis``: ``(L, r, H)``. The mean is over
+    ``B, T, L`` and ``H``; with ``scale`` ``(L,)`` each squared distance is divided by ``scale[l]``
+    instead of ``H``.
+    """
+    moved = target - frozen_target.detach()
+    squared = (moved - specific_part(moved, basis)).pow(2).sum(-1)
+    if scale is not None:
+        return (squared / scale.detach()).mean()
+    return squared.mean() / moved.shape[-1]
+
+
 def loss_scales(
     frozen: torch.Tensor,
     basis: torch.Tensor,
@@ -240,7 +270,8 @@ def lens_losses(
     ``agnostic_direction``: ``(L, H)`` unit vectors, required for ``pull_space="direction"``;
     ``scales``: the units of :func:`loss_scales` (``{"pull": (L,), "retain": (L,)}``, computed on
     the whole training set), required for ``normalization="scale_free"``.
-    Returns ``{"loss", "pull", "push", "retain"}``, leaving out terms whose weight is 0.
+    Returns ``{"loss", "pull", "push", "retain", "retain_targets"}``, leaving out terms whose weight
+    is 0.
     """
     n_languages = states.shape[1]
     if frozen.shape != states.shape:
@@ -285,4 +316,9 @@ def lens_losses(
             states[:, central_index], frozen[:, central_index], scale=scales.get("retain")
         )
         total = total + objective.retain_weight * terms["retain"]
+    if objective.retain_targets_weight and targets:
+        terms["retain_targets"] = retain_targets_loss(
+            states[:, targets], frozen[:, targets], basis, scale=scales.get("retain")
+        )
+        total = total + objective.retain_targets_weight * terms["retain_targets"]
     return {"loss": total, **terms}

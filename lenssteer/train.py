@@ -26,7 +26,7 @@ states.
 
 **The loop** is the Hugging Face ``Trainer``: ``accelerate launch`` / ``torchrun`` run the same code
 on several processes; progress bar, logging of every loss term (``loss_pull``, ``loss_push``,
-``loss_retain``), seeds, checkpoints (trainable weights only, safetensors) and resume. The adapter
+``loss_retain``, ``loss_retain_targets``), seeds, checkpoints (trainable weights only, safetensors) and resume. The adapter
 is written at the very end into a scratch folder that replaces ``out_dir`` in one rename, so an
 interrupted run leaves an earlier adapter there intact.
 """
@@ -119,6 +119,7 @@ class TrainConfig:
     pull_weight: float = 1.0
     push_weight: float = 1.0
     retain_weight: float = 1.0
+    retain_targets_weight: float = 0.0
     alpha: float = 1.0
     pull_space: str = "direction"
     lora_rank: int = 8
@@ -178,6 +179,7 @@ class TrainConfig:
                 self.alpha,
                 self.pull_space,
                 self.normalization,
+                retain_targets_weight=self.retain_targets_weight,
             )
         except ValueError as error:
             raise TrainingError(str(error)) from None

@@ -11,6 +11,7 @@ from lenssteer.objectives import (
     pull_loss,
     push_loss,
     retain_loss,
+    retain_targets_loss,
     specific_part,
 )
 
@@ -73,6 +74,40 @@ def test_retain_by_hand():
     frozen = t([[1.0, 1.0]], [[2.0, 0.0]]).reshape(2, 1, 2)
     # squared differences 0, 1, 4, 0 -> mean 5 / 4
     assert retain_loss(central, frozen).item() == pytest.approx(1.25)
+
+
+def test_retain_targets_by_hand():
+    target = t([3.0, 4.0]).reshape(1, 1, 1, 2)  # (B, T, L, H)
+    frozen_target = t([2.0, 0.0]).reshape(1, 1, 1, 2)
+    # moved (1, 4); outside the x axis (0, 4): squared 16, mean over H = 2 -> 8; unit 4 -> 4
+    assert retain_targets_loss(target, frozen_target, X_AXIS).item() == pytest.approx(8.0)
+    assert retain_targets_loss(
+        target, frozen_target, X_AXIS, scale=torch.tensor([4.0])
+    ).item() == pytest.approx(4.0)
+    # a move inside the specific subspace (push's job) costs nothing
+    pushed = t([7.0, 0.0]).reshape(1, 1, 1, 2)
+    assert retain_targets_loss(pushed, frozen_target, X_AXIS).item() == 0.0
+
+
+def test_retain_targets_in_lens_losses_by_hand():
+    states, frozen, directions = _two_language_batch()
+    objective = LensObjective(
+        pull_weight=0.0, push_weight=3.0, retain_weight=5.0, alpha=2.0, retain_targets_weight=7.0
+    )
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, objective)
+    # target (3, 4) vs frozen (2, 0): outside x (0, 4), 16 / 2 = 8; push 0.5 and retain 0.5 as above
+    assert set(out) == {"loss", "push", "retain", "retain_targets"}
+    assert out["retain_targets"].item() == pytest.approx(8.0)
+    assert out["loss"].item() == pytest.approx(3 * 0.5 + 5 * 0.5 + 7 * 8.0)
+    alone = LensObjective(
+        pull_weight=0.0, push_weight=0.0, retain_weight=0.0, retain_targets_weight=1.0
+    )
+    assert set(lens_losses(states, frozen, X_AXIS, directions, 0, alone)) == {
+        "loss",
+        "retain_targets",
+    }
+    with pytest.raises(ValueError, match="retain_targets_weight must be >= 0"):
+        LensObjective(retain_targets_weight=-1.0)
 
 
 Y_AXIS = torch.tensor([[0.0, 1.0]])  # (L=1, H=2): the agnostic direction, orthogonal to X_AXIS

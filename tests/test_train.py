@@ -134,7 +134,10 @@ def assert_fast_equals_plain(module, batch, params) -> None:
             {n: p.grad.clone() for n, p in params.items()},
         )
     (fast_losses, fast_grads), (plain_losses, plain_grads) = results[True], results[False]
-    assert set(fast_losses) == {"loss", "pull", "push", "retain"}
+    expected = {"loss", "pull", "push", "retain"}
+    if module.objective.retain_targets_weight:
+        expected.add("retain_targets")
+    assert set(fast_losses) == expected
     for key in fast_losses:
         torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-4, atol=1e-9)
     assert set(fast_grads) == set(plain_grads) and fast_grads
@@ -306,11 +309,18 @@ def test_training_lowers_the_loss_and_restores_the_model(setup, tokenizer, tmp_p
             subspace,
             corpus,
             tmp_path / kind,
-            quick_config(kind=kind, batch_size=8, num_epochs=12.0, learning_rate=1e-3, alpha=3.0),
+            quick_config(
+                kind=kind,
+                batch_size=8,
+                num_epochs=12.0,
+                learning_rate=1e-3,
+                alpha=3.0,
+                retain_targets_weight=0.1,
+            ),
             progress=False,
         )
         history = [e for e in adapter.log_history if "loss" in e]
-        assert {"loss_pull", "loss_push", "loss_retain"} <= set(history[0])
+        assert {"loss_pull", "loss_push", "loss_retain", "loss_retain_targets"} <= set(history[0])
         assert history[-1]["loss"] < 0.9 * history[0]["loss"], (kind, history)
         after = model.state_dict()
         assert set(after) == set(before)
@@ -782,7 +792,8 @@ def test_final_norm_fast_and_plain_losses_and_gradients_match(arch, kind, tokeni
         representation="final_norm",
     )
     batch = data.collate([0, 2, 3, 5], layer_inputs=True, input_ids=True, split_prefix=True)
-    config = quick_config(kind=kind, representation="final_norm")
+    # retain_targets on (ours, not Lens'): its term and gradient must match on both paths too
+    config = quick_config(kind=kind, representation="final_norm", retain_targets_weight=0.5)
     with trainable_top_layers(model, [2, 3], config) as trainable:
         params = trainable.parameters()
         torch.manual_seed(1)
