@@ -12,6 +12,8 @@
 # shipped setting, trained in bfloat16 and scored on dev items that include multiemo reviews
 # (recipes/tune_lens_smollm2_multiemo.toml); the rule chose none of them, so nothing is shipped by
 # it (about 8 min per configuration and 9 min of dev scoring on 1 thread; docs/lens-study.md).
+# Step 3: the shipped setting with the retain_targets term (the targets keep their frozen states
+# outside the specific subspace) on the same dev items; nothing shipped by it either.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash recipes/setup_env.sh
@@ -30,8 +32,14 @@ configs=$(sed "s#RESIDUAL_SUBSPACE#$out/subspace-residual#" recipes/lens_smollm2
     --ship-subspace subspaces/smollm2-135m-instruct-instructions-final-norm
 .venv/bin/python recipes/tune_lens.py --preset instructions --model smollm2-135m-instruct \
     --subspace subspaces/smollm2-135m-instruct-instructions-final-norm --corpus instructions \
-    --languages en,de,es,fr,it --limit 300 --train-dtype bfloat16 \
+    --languages en,de,es,fr,it --limit 300 --train-dtype auto \
     --configs '[{}, {"alpha": 0.15}, {"n_layers": 1}, {"lora_rank": 4}]' \
     --dev-config recipes/tune_lens_smollm2_multiemo.toml \
     --scored-config recipes/compare_full_smollm2-135m-instruct.toml --out "$out/tune-multiemo"
+.venv/bin/python recipes/tune_lens.py --preset instructions --model smollm2-135m-instruct \
+    --subspace subspaces/smollm2-135m-instruct-instructions-final-norm --corpus instructions \
+    --languages en,de,es,fr,it --limit 300 --train-dtype auto \
+    --configs '[{}, {"retain_targets_weight": 2.0}, {"retain_targets_weight": 2.0, "alpha": 0.45}]' \
+    --dev-config recipes/tune_lens_smollm2_multiemo.toml \
+    --scored-config recipes/compare_full_smollm2-135m-instruct.toml --out "$out/tune-retain-targets"
 "$lenssteer" compare --config recipes/compare_lens_smollm2.toml
