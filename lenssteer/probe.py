@@ -79,8 +79,9 @@ def probe(
     token cap per text (default: the model's context; longer texts are cut with a warning).
     ``representation="final_norm"`` reads the last layer after the model's final norm (as Lens
     does; ``layers`` must then be the last layer only, e.g. ``"-1"``). ``dtype``: the weights'
-    dtype when the model is loaded here (``"bfloat16"``: about twice as fast on CPUs with bf16
-    matrix units; the pooled states and the subspace stay float32). ``command``: the command line
+    dtype when the model is loaded here (``"bfloat16"``: faster only on a device that computes
+    it natively, ``"auto"`` picks it there, see :func:`lenssteer.models.native_bfloat16`; the pooled
+    states and the subspace stay float32). ``command``: the command line
     that ran this (the CLI's), recorded as the subspace's ``command`` metadata.
     """
     from lenssteer.data import load_corpus

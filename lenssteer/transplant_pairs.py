@@ -573,7 +573,7 @@ def run_transplant(
 ) -> dict[str, Any]:
     """One pair on a task: base vs transplanted accuracy (and greedy outputs with ``generate``).
 
-    ``dtype``: the weights' dtype (``"bfloat16"`` runs faster on CPUs with bf16 matrix units).
+    ``dtype``: the weights' dtype (``"auto"``: bfloat16 where the device computes it natively).
     ``command``: the command line that ran this (the CLI's), recorded in the result.
     """
     from lenssteer.models import load_model, model_identity

@@ -30,16 +30,15 @@ configs=$(sed "s#RESIDUAL_SUBSPACE#$out/subspace-residual#" recipes/lens_smollm2
     --dev-config recipes/tune_lens_smollm2.toml --scored-config recipes/compare_lens_smollm2.toml \
     --ship checkpoints/smollm2-135m-instruct-lens \
     --ship-subspace subspaces/smollm2-135m-instruct-instructions-final-norm
-.venv/bin/python recipes/tune_lens.py --preset instructions --model smollm2-135m-instruct \
-    --subspace subspaces/smollm2-135m-instruct-instructions-final-norm --corpus instructions \
-    --languages en,de,es,fr,it --limit 300 --train-dtype auto \
-    --configs '[{}, {"alpha": 0.15}, {"n_layers": 1}, {"lora_rank": 4}]' \
-    --dev-config recipes/tune_lens_smollm2_multiemo.toml \
-    --scored-config recipes/compare_full_smollm2-135m-instruct.toml --out "$out/tune-multiemo"
-.venv/bin/python recipes/tune_lens.py --preset instructions --model smollm2-135m-instruct \
-    --subspace subspaces/smollm2-135m-instruct-instructions-final-norm --corpus instructions \
-    --languages en,de,es,fr,it --limit 300 --train-dtype auto \
-    --configs '[{}, {"retain_targets_weight": 2.0}, {"retain_targets_weight": 2.0, "alpha": 0.45}]' \
-    --dev-config recipes/tune_lens_smollm2_multiemo.toml \
-    --scored-config recipes/compare_full_smollm2-135m-instruct.toml --out "$out/tune-retain-targets"
+# Variations of the shipped setting ($1, a JSON list) on the multiemo dev items into $2; none shipped.
+tune_shipped() {
+  .venv/bin/python recipes/tune_lens.py --preset instructions --model smollm2-135m-instruct \
+      --subspace subspaces/smollm2-135m-instruct-instructions-final-norm --corpus instructions \
+      --languages en,de,es,fr,it --limit 300 --train-dtype auto --configs "$1" \
+      --dev-config recipes/tune_lens_smollm2_multiemo.toml \
+      --scored-config recipes/compare_full_smollm2-135m-instruct.toml --out "$2"
+}
+tune_shipped '[{}, {"alpha": 0.15}, {"n_layers": 1}, {"lora_rank": 4}]' "$out/tune-multiemo"
+tune_shipped '[{}, {"retain_targets_weight": 2.0}, {"retain_targets_weight": 2.0, "alpha": 0.45}]' \
+    "$out/tune-retain-targets"
 "$lenssteer" compare --config recipes/compare_lens_smollm2.toml
