@@ -224,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         scored_item_ids,
     )
     from lenssteer.data import load_corpus
+    from lenssteer.mmlu import TaskDataError
     from lenssteer.models import cast_model, load_model, model_dtype, resolve_dtype
     from lenssteer.subspace import Subspace
+    from lenssteer.task_registry import TaskError
     from lenssteer.train import (
         PRESETS,
         TrainingError,
@@ -261,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             "error: --model, the dev and the scored configs must name one model and languages",
             file=sys.stderr,
         )
+        return 2
+    try:  # every task's items must be readable before hours of training (multiemo's archive)
+        scored = scored_item_ids(final)
+        scored_item_ids(dev)
+    except (TaskError, TaskDataError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     progress = not args.no_progress
     out = Path(args.out)
@@ -329,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if resolve_dtype(dev.dtype) != model_dtype(model):  # score in the dev config's dtype
         cast_model(model, dev.dtype)
-    scored = scored_item_ids(final)
     dev.exclude_items = sorted({i for ids in scored.values() for i in ids})
     dev.systems = systems
     dev.out = str(out / "dev")

@@ -156,3 +156,21 @@ def test_an_earlier_selection_that_is_not_an_adapter_is_an_error_before_training
     code = tune.main([*args, "--scored-config", "unused.toml", "--earlier-selection", "nope"])
     assert code == 2
     assert "--earlier-selection: adapter folder nope does not exist" in capsys.readouterr().err
+
+
+def test_task_data_that_cannot_be_read_is_an_error_before_training(
+    tune, capsys, tmp_path, monkeypatch
+):
+    """A dev task whose data is missing (here multiemo, without BIG-bench's archive in the cache)
+    stops the sweep before the model loads, not after hours of training."""
+    monkeypatch.setenv("LENSSTEER_CACHE", str(tmp_path / "empty-cache"))
+    head = (
+        'model = "smollm2-135m-instruct"\nlanguages = ["en", "de"]\n[systems.base]\nkind = "base"\n'
+    )
+    dev = tmp_path / "dev.toml"
+    dev.write_text(head + "[tasks.multiemo]\nlimit = 3\n")
+    scored = tmp_path / "scored.toml"
+    scored.write_text(head + "[tasks.bible-likelihood]\nlimit = 3\n")
+    args = ["--configs", "[{}]", "--subspace", "unused", "--dev-config", str(dev)]
+    assert tune.main([*args, "--scored-config", str(scored)]) == 2
+    assert "the multiemo task reads BIG-bench's source archive" in capsys.readouterr().err
