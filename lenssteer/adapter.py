@@ -748,7 +748,8 @@ def generate(
 
     Returns ``{"base": ...}`` and/or ``{"steered": ...}`` (``compare=False`` skips the base answer
     when an adapter is given). ``chat_template=None`` uses the template if the tokenizer has one.
-    ``dtype``: the weights' dtype when the model is loaded here (``"auto"``: bfloat16 where the device computes it natively, which decodes faster).
+    ``dtype``: the weights' dtype when the model is loaded here (``"auto"``: bfloat16 where the
+    device computes it natively, which decodes faster).
     """
     from lenssteer.evaluate import generate_greedy
     from lenssteer.extract import format_texts, resolve_chat_template

@@ -392,8 +392,8 @@ def _warn_slow_bfloat16(model: nn.Module) -> None:
     if not native_bfloat16("cpu"):
         warnings.warn(
             "bfloat16 weights on a CPU without bfloat16 instructions (AMX, AVX512-BF16): PyTorch "
-            'emulates them, 3-5x slower than float32 (measured on an AVX-512 Xeon); --dtype auto (or dtype = "auto" '
-            "in a config) chooses float32 on such a CPU",
+            "emulates them, 3-5x slower than float32 (measured on an AVX-512 Xeon); --dtype auto "
+            '(or dtype = "auto" in a config) chooses float32 on such a CPU',
             UserWarning,
             stacklevel=3,
         )
