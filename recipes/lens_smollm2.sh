@@ -13,7 +13,9 @@
 # (recipes/tune_lens_smollm2_multiemo.toml); the rule chose none of them, so nothing is shipped by
 # it (about 8 min per configuration and 9 min of dev scoring on 1 thread; docs/lens-study.md).
 # Step 3: the shipped setting with the retain_targets term (the targets keep their frozen states
-# outside the specific subspace) on the same dev items; nothing shipped by it either.
+# outside the specific subspace) on the same dev items; step 4: alpha 0.2 and 0.25 (between step
+# 2's 0.15 and the shipped 0.3); nothing shipped by either (about 7 min per configuration and 8-12
+# min of dev scoring in float32 on 2 threads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash recipes/setup_env.sh
@@ -41,4 +43,5 @@ tune_shipped() {
 tune_shipped '[{}, {"alpha": 0.15}, {"n_layers": 1}, {"lora_rank": 4}]' "$out/tune-multiemo"
 tune_shipped '[{}, {"retain_targets_weight": 2.0}, {"retain_targets_weight": 2.0, "alpha": 0.45}]' \
     "$out/tune-retain-targets"
+tune_shipped '[{"alpha": 0.2}, {"alpha": 0.25}]' "$out/tune-alpha"
 "$lenssteer" compare --config recipes/compare_lens_smollm2.toml
