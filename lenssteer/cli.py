@@ -140,7 +140,7 @@ def _positive_int(text: str) -> int:
 
 DTYPE_HELP = (
     "weights' dtype: float32 (default), bfloat16 (half the memory; about 3.5x faster on CPUs with "
-    "bfloat16 instructions (AMX, AVX512-BF16), about 4x slower on CPUs without them) or auto "
+    "bfloat16 instructions (AMX, AVX512-BF16), 3-5x slower on CPUs without them) or auto "
     "(bfloat16 where the device computes it natively, else float32); subspaces, adapters' trained "
     "weights and scores stay float32"
 )

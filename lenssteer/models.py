@@ -13,6 +13,7 @@ patterns, with a user override (:class:`ModuleNames`) for architectures the patt
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -355,17 +356,18 @@ def cast_model(model: nn.Module, dtype: torch.dtype | str, warn: bool = True) ->
     return model
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where they cannot be read."""
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), read once; empty where unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):  # x86, ARM
-            return set(value.split())
-    return set()
+            return frozenset(value.split())
+    return frozenset()
 
 
 def native_bfloat16(device: str | torch.device = "cpu") -> bool:

@@ -87,8 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="the frozen model's weights while training, checking and answering (default: auto, "
         "bfloat16 on a CPU with bfloat16 instructions (AMX, AVX512-BF16; about 3.5x faster than "
-        "float32, benchmarks/RESULTS.md s. 8), float32 on one without (emulated bfloat16 is about "
-        "4x slower); the LoRA weights train in float32 either way); the comparison uses its "
+        "float32, benchmarks/RESULTS.md s. 8), float32 on one without (emulated bfloat16 is 3-5x "
+        "slower); the LoRA weights train in float32 either way); the comparison uses its "
         "config's dtype (auto too)",
     )
     parser.add_argument("--skip-compare", action="store_true", help="stop after the adapter check")
