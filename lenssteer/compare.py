@@ -1433,13 +1433,14 @@ def run_comparison(
     for task, _ in tasks:
         _task_languages(task, config)
     systems = [_prepare_system(s) for s in config.systems]
+    # Items first: data that cannot be read (multiemo's archive) fails before the model loads.
+    data = {task.name: _prepare_task_data(task, config, _limit(tc, config)) for task, tc in tasks}
     tokenizer, model = loaded if loaded is not None else load_model(config.model, config.dtype)
     for prepared in systems:
         if prepared.adapter is not None:
             prepared.adapter.check_base_model(model)
         if prepared.baseline is not None:
             prepared.baseline.check(model)
-    data = {task.name: _prepare_task_data(task, config, _limit(tc, config)) for task, tc in tasks}
     _drop_unscorable_items(tasks, data, systems, config)
     scored = _scored_ids(tasks, data, config)
     timings: dict[str, float] = {"loading and items": round(time.time() - started, 1)}

@@ -888,3 +888,20 @@ def test_xtransplant_records_each_donor_once_and_matches_the_definition(
     assert sorted(recorded) == sorted(donors)
     assert set(scorer.donor_cache) == {(d, True) for d in donors}
     assert all(v.shape[0] == 2 for v in scorer.donor_cache.values())  # source layers 1 and 2
+
+
+def test_task_data_that_cannot_be_read_fails_before_the_model_loads(tmp_path, monkeypatch):
+    """multiemo without BIG-bench's archive: the error names the fetch command, and comes before
+    any model work (the model named here does not exist, and its error never shows)."""
+    from lenssteer.mmlu import TaskDataError
+
+    monkeypatch.setenv("LENSSTEER_CACHE", str(tmp_path / "empty-cache"))
+    config = CompareConfig(
+        model="no-such-org/no-such-model",
+        languages=["en", "de"],
+        out=str(tmp_path / "r"),
+        tasks=[TaskConfig("multiemo", limit=3)],
+        systems=[SystemConfig("base")],
+    )
+    with pytest.raises(TaskDataError, match="lenssteer.multiemo fetch"):
+        run_comparison(config, progress=False)
