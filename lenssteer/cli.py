@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -126,6 +127,23 @@ def add_max_tokens_argument(parser: argparse.ArgumentParser) -> None:
         help="cut each text to its first N tokens, with a warning naming the row (default: the "
         "model's context length)",
     )
+
+
+def _language_strengths(text: str) -> dict[str, float]:
+    """``de=0.1,fr=0.2`` -> ``{"de": 0.1, "fr": 0.2}``."""
+    strengths: dict[str, float] = {}
+    for part in text.split(","):
+        language, _, value = (piece.strip() for piece in part.partition("="))
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not language or not math.isfinite(number):
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is not LANGUAGE=NUMBER (e.g. de=0.1,fr=0.2)"
+            )
+        strengths[language] = number
+    return strengths
 
 
 def _positive_int(text: str) -> int:
@@ -576,6 +594,13 @@ def _add_train(subparsers) -> None:
         "specific subspace, so push moves them along their language direction only (default 0)",
     )
     parser.add_argument("--alpha", type=float, help="push strength along the language direction")
+    parser.add_argument(
+        "--language-alpha",
+        type=_language_strengths,
+        metavar="LANG=A,...",
+        help="push strength for some target languages instead of --alpha, e.g. de=0.1 "
+        "(a language whose answers move in ways you do not want)",
+    )
     parser.add_argument("--lora-rank", type=_positive_int, help="default: 8")
     parser.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -612,6 +637,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "retain_weight": args.retain_weight,
         "retain_targets_weight": args.retain_targets_weight,
         "alpha": args.alpha,
+        "language_alpha": args.language_alpha,
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,
         "max_tokens": args.max_tokens,

@@ -16,7 +16,8 @@ Names follow the paper (arXiv 2410.04407); the official code swaps *pull* and *p
   itself in place is *retain*'s job.
 * **push** (language-specific subspace): the specific component of each target language's state is
   moved to its frozen value plus ``alpha`` times the language's direction (``BᵀB h_frozen + alpha
-  d_k``), so the language keeps expressing itself, a little more strongly.
+  d_k``), so the language keeps expressing itself, a little more strongly. ``alpha`` may differ
+  per target language (``lens_losses(..., alphas=...)``; ours, Lens has one).
 * **retain**: the central language's state stays where the frozen model had it.
 * **retain_targets** (ours, not in Lens; weight 0 by default): each target language's state stays
   where the frozen model had it *outside* the specific subspace, ``|(I - BᵀB)(h_t - h⁰_t)|²``.
@@ -165,17 +166,25 @@ def push_loss(
     frozen_target: torch.Tensor,
     directions: torch.Tensor,
     basis: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared distance of the specific component from ``frozen + alpha * direction``.
 
     ``target``, ``frozen_target``: ``(B, T, L, H)``; ``directions``: ``(T, L, H)`` the target
-    languages' directions (already inside the specific subspace); ``basis``: ``(L, r, H)``. The mean
-    is over ``B, T, L`` and ``H``; with ``scale`` ``(T, L)`` (``|d_t|²`` for ``"scale_free"``) each
-    squared distance is divided by ``scale[t, l]`` instead of ``H``.
+    languages' directions (already inside the specific subspace); ``basis``: ``(L, r, H)``;
+    ``alpha``: one strength, or ``(T,)``, one per target language. The mean is over ``B, T, L``
+    and ``H``; with ``scale`` ``(T, L)`` (``|d_t|²`` for ``"scale_free"``) each squared distance is
+    divided by ``scale[t, l]`` instead of ``H``.
     """
     moved = specific_part(target - frozen_target.detach(), basis)
+    if isinstance(alpha, torch.Tensor):
+        if alpha.shape != directions.shape[:1]:
+            raise ValueError(
+                f"alpha {tuple(alpha.shape)} needs one value per target language "
+                f"({directions.shape[0]})"
+            )
+        alpha = alpha.to(directions).reshape(-1, 1, 1)
     squared = (moved - alpha * directions).pow(2)
     if scale is not None:
         return (squared.sum(-1) / scale.detach()).mean()
@@ -262,6 +271,7 @@ def lens_losses(
     objective: LensObjective,
     agnostic_direction: torch.Tensor | None = None,
     scales: dict[str, torch.Tensor] | None = None,
+    alphas: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted Lens loss and its unweighted terms.
 
@@ -269,7 +279,8 @@ def lens_losses(
     ``basis``: ``(L, r, H)``; ``directions``: ``(K, L, H)`` (the central row is ignored);
     ``agnostic_direction``: ``(L, H)`` unit vectors, required for ``pull_space="direction"``;
     ``scales``: the units of :func:`loss_scales` (``{"pull": (L,), "retain": (L,)}``, computed on
-    the whole training set), required for ``normalization="scale_free"``.
+    the whole training set), required for ``normalization="scale_free"``; ``alphas``: ``(K,)`` push
+    strength per language (the central entry is ignored) instead of ``objective.alpha`` for all.
     Returns ``{"loss", "pull", "push", "retain", "retain_targets"}``, leaving out terms whose weight
     is 0.
     """
@@ -280,6 +291,8 @@ def lens_losses(
         raise ValueError(f"{directions.shape[0]} directions for {n_languages} languages")
     if not 0 <= central_index < n_languages:
         raise ValueError(f"central_index {central_index} out of range for {n_languages} languages")
+    if alphas is not None and alphas.shape != (n_languages,):
+        raise ValueError(f"alphas {tuple(alphas.shape)} for {n_languages} languages")
     targets = [k for k in range(n_languages) if k != central_index]
     scale_free = objective.normalization == "scale_free"
     if scale_free and scales is None:
@@ -307,7 +320,7 @@ def lens_losses(
             frozen[:, targets],
             directions[targets],
             basis,
-            objective.alpha,
+            objective.alpha if alphas is None else alphas[targets],
             scale=push_scale,
         )
         total = total + objective.push_weight * terms["push"]

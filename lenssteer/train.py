@@ -109,6 +109,8 @@ class TrainConfig:
     model's scale) or ``"scale_free"`` (pull as a share of the frozen gap, push in units of the
     direction's squared length, retain as a share of the central states' spread; see
     :mod:`lenssteer.objectives`).
+    ``language_alpha``: push strength per target language, e.g. ``{"de": 0.1}``, overriding
+    ``alpha`` for the languages named (ours; Lens has one strength).
     ``max_tokens``: texts longer than this many tokens are cut, with a warning naming the row
     (default: the model's context; see :func:`lenssteer.extract.default_max_tokens`).
     """
@@ -121,6 +123,7 @@ class TrainConfig:
     retain_weight: float = 1.0
     retain_targets_weight: float = 0.0
     alpha: float = 1.0
+    language_alpha: dict[str, float] | None = None
     pull_space: str = "direction"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -165,6 +168,15 @@ class TrainConfig:
             )
         if not self.learning_rate > 0:
             raise TrainingError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.language_alpha is not None and not isinstance(self.language_alpha, dict):
+            raise TrainingError(
+                f"language_alpha must map language codes to strengths, got {self.language_alpha!r}"
+            )
+        for language, value in (self.language_alpha or {}).items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TrainingError(
+                    f"language_alpha[{language!r}] must be a finite number, got {value!r}"
+                )
         for name in ("batch_size", "gradient_accumulation_steps", "precompute_batch_size"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -183,6 +195,25 @@ class TrainConfig:
             )
         except ValueError as error:
             raise TrainingError(str(error)) from None
+
+    def push_strengths(self, languages: Sequence[str], central_language: str) -> torch.Tensor | None:
+        """``(K,)`` push strength per language in ``languages`` (``None`` without language_alpha)."""
+        if not self.language_alpha:
+            return None
+        for language in self.language_alpha:
+            if language == central_language:
+                raise TrainingError(
+                    f"language_alpha names the central language {language!r}: push moves target "
+                    "languages only"
+                )
+            if language not in languages:
+                raise TrainingError(
+                    f"language_alpha names {language!r}, which is not a training language "
+                    f"({', '.join(languages)})"
+                )
+        return torch.tensor(
+            [float(self.language_alpha.get(language, self.alpha)) for language in languages]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -483,9 +514,13 @@ class LensTrainingModule(nn.Module):
         agnostic: torch.Tensor | None = None,
         representation: str = "residual",
         scales: dict[str, torch.Tensor] | None = None,
+        alphas: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.register_buffer(  # push strength per language (TrainConfig.language_alpha)
+            "alphas", None if alphas is None else alphas.float(), persistent=False
+        )
         self.representation = representation
         self.scale_names = sorted(scales or {})
         for name in self.scale_names:  # the scale-free units (objectives.loss_scales)
@@ -565,6 +600,7 @@ class LensTrainingModule(nn.Module):
             self.objective,
             self.agnostic_direction,
             {name: getattr(self, f"{name}_scale") for name in self.scale_names} or None,
+            alphas=self.alphas,
         )
 
 
@@ -834,6 +870,7 @@ def train_lens(
     languages = list(corpus.languages)
     central_language = corpus.central_language
     check_subspace(model, subspace, languages, central_language)
+    alphas = config.push_strengths(languages, central_language)
     pooling = subspace.metadata.get("pooling")
     if pooling is None:
         raise TrainingError(
@@ -901,6 +938,7 @@ def train_lens(
             agnostic=agnostic,
             representation=config.representation,
             scales=scales,
+            alphas=alphas,
         )
         _check_reproduces_frozen(module, data, split_prefix=config.share_prefix)
 

@@ -44,4 +44,7 @@ tune_shipped '[{}, {"alpha": 0.15}, {"n_layers": 1}, {"lora_rank": 4}]' "$out/tu
 tune_shipped '[{}, {"retain_targets_weight": 2.0}, {"retain_targets_weight": 2.0, "alpha": 0.45}]' \
     "$out/tune-retain-targets"
 tune_shipped '[{"alpha": 0.2}, {"alpha": 0.25}]' "$out/tune-alpha"
+# step 5: German, whose multiemo labels moved in every configuration from alpha 0.2 on, pushed less
+tune_shipped '[{"language_alpha": {"de": 0.1}}, {"language_alpha": {"de": 0.0}}, {"alpha": 0.25, "language_alpha": {"de": 0.1}}]' \
+    "$out/tune-language-alpha"
 "$lenssteer" compare --config recipes/compare_lens_smollm2.toml
