@@ -35,6 +35,7 @@ def representation_report(
     languages: Sequence[str],
     layers: Sequence[int],
     alpha: float,
+    language_alpha: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Compare pooled states of held-out items before and after steering.
 
@@ -46,7 +47,8 @@ def representation_report(
       1 - after / before (what ``pull_space="direction"`` trains);
     * ``gap_outside_specific``: mean ``|(I - BᵀB)(h_t - h_c)|``, before, after and shrink (what
       ``pull_space="complement"`` trains);
-    * ``push_ratio``: mean ``<BᵀB(h_t^after - h_t^before), d_t> / |d_t|²``, to set against ``alpha``;
+    * ``push_ratio``: mean ``<BᵀB(h_t^after - h_t^before), d_t> / |d_t|²``, to set against ``alpha``
+      (the language's own, ``alpha`` per language, where ``language_alpha`` names it);
     * ``retrieval``: central -> target top-1 among the N items (cosine, centred on the subspace's
       mean of language means), before and after; ``agnostic_retrieval``: the same on the states
       with their specific component projected out (what the subspace diagnostics call "after").
@@ -58,6 +60,8 @@ def representation_report(
     central = subspace.central_language
     c = list(languages).index(central)
     report: dict[str, Any] = {"alpha": alpha, "n_items": before.shape[0], "layers": {}}
+    if language_alpha:
+        report["language_alpha"] = dict(language_alpha)
 
     def shrink(gap_before: float, gap_after: float) -> float:
         return 1.0 - gap_after / gap_before if gap_before > 0 else 0.0
@@ -96,6 +100,7 @@ def representation_report(
                 "gap_outside_specific_after": rest[1],
                 "shrink_outside_specific": shrink(*rest),
                 "push_ratio": ratio,
+                "alpha": (language_alpha or {}).get(language, alpha),
                 "retrieval_before": _top1(b[:, c] - centre, b[:, k] - centre),
                 "retrieval_after": _top1(a[:, c] - centre, a[:, k] - centre),
                 "agnostic_retrieval_before": _top1(outside(b[:, c]), outside(b[:, k])),
@@ -184,7 +189,10 @@ def heldout_report(
             )
             after[items] = states.reshape(len(items), *data.frozen.shape[1:]).cpu()
     alpha = float(config.hyperparameters.get("alpha", 1.0))
-    report = representation_report(data.frozen, after, subspace, data.languages, layers, alpha)
+    language_alpha = config.hyperparameters.get("language_alpha")
+    report = representation_report(
+        data.frozen, after, subspace, data.languages, layers, alpha, language_alpha
+    )
     report["data_hash"] = data.data_hash
     return report
 
@@ -199,11 +207,12 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for layer, entry in report["layers"].items():
         for language, r in entry["languages"].items():
+            own = f" (alpha {r['alpha']:g})" if "language_alpha" in report else ""
             lines.append(
                 f"| {layer} | {language} | {r['gap_along_agnostic_before']:.2f} -> "
                 f"{r['gap_along_agnostic_after']:.2f} ({100 * r['shrink_along_agnostic']:.0f}%) | "
                 f"{r['gap_outside_specific_before']:.1f} -> {r['gap_outside_specific_after']:.1f} "
-                f"({100 * r['shrink_outside_specific']:.0f}%) | {r['push_ratio']:.2f} | "
+                f"({100 * r['shrink_outside_specific']:.0f}%) | {r['push_ratio']:.2f}{own} | "
                 f"{r['retrieval_before']:.2f} -> {r['retrieval_after']:.2f} |"
             )
         lines.append(

@@ -147,12 +147,15 @@ def test_train_presets_and_overrides(tiny_folder, corpus_file, tmp_path, capsys,
         "1",
         "--alpha",
         "0.5",
+        "--language-alpha",
+        "de=0.1",
     ]
     assert main(args) == 0
     assert "1 steps" in capsys.readouterr().out
     hyper = SteeringAdapter.from_pretrained(out).config.hyperparameters
     expected = PRESETS[preset]
     assert hyper["alpha"] == 0.5  # the flag overrides the preset
+    assert hyper["language_alpha"] == {"de": 0.1}
     for name in ("pull_weight", "retain_weight", "learning_rate", "pull_space", "normalization"):
         assert hyper[name] == getattr(expected, name), name
 
@@ -226,6 +229,14 @@ def _parsed(args) -> dict:
         (["transplant-grid", "--out", "g", "--targets", "x"], ["--targets", "'x'"]),
         (["train", "--subspace", "s", "--out", "a", "--layers", "0,1"], ["--layers", "top:K"]),
         (["train", "--subspace", "s", "--out", "a", "--layers", "all"], ["--layers", "'all'"]),
+        (
+            ["train", "--subspace", "s", "--out", "a", "--language-alpha", "de=0.1,fr"],
+            ["--language-alpha", "'fr' is not LANGUAGE=NUMBER"],
+        ),
+        (
+            ["train", "--subspace", "s", "--out", "a", "--language-alpha", "de=inf"],
+            ["--language-alpha", "'de=inf'"],
+        ),
         (["train", "--subspace", "s", "--out", "a", "--layers", "top:y"], ["--layers", "top:y"]),
         (
             ["train", "--subspace", "s", "--out", "a", "--layers", "top:2", "--top-layers", "3"],

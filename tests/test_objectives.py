@@ -177,6 +177,31 @@ def test_alpha_changes_push_only():
     assert a["push"].item() == pytest.approx(0.0) and b["push"].item() == pytest.approx(2.0)
 
 
+def test_push_strength_per_language_by_hand():
+    # (B=1, K=3, L=1, H=2): central 0; both targets moved (1, 0) along x from frozen (2, 0)
+    states = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]], [[3.0, 4.0]]]])
+    frozen = torch.tensor([[[[1.0, 1.0]], [[2.0, 0.0]], [[2.0, 0.0]]]])
+    directions = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]])
+    objective = LensObjective(pull_weight=0.0, push_weight=1.0, retain_weight=1.0, alpha=1.0)
+    same = lens_losses(states, frozen, X_AXIS, directions, 0, objective)
+    assert same["push"].item() == pytest.approx(0.0)  # both moved exactly 1 * d
+    # target 1 asked for 1 * d (reached), target 2 for 3 * d: (1 - 3)^2 = 4 over B T L H = 4 -> 1
+    alphas = torch.tensor([99.0, 1.0, 3.0])  # the central entry is never read
+    out = lens_losses(states, frozen, X_AXIS, directions, 0, objective, alphas=alphas)
+    assert out["push"].item() == pytest.approx(1.0)
+    assert out["retain"].item() == same["retain"].item()
+    # one strength per language is the mean of each language pushed alone at its own strength
+    alone = [
+        push_loss(states[:, [k]], frozen[:, [k]], directions[[k]], X_AXIS, alphas[k].item())
+        for k in (1, 2)
+    ]
+    assert out["push"].item() == pytest.approx(sum(a.item() for a in alone) / 2)
+    with pytest.raises(ValueError, match="alphas"):
+        lens_losses(states, frozen, X_AXIS, directions, 0, objective, alphas=alphas[:2])
+    with pytest.raises(ValueError, match="one value per target language"):
+        push_loss(states[:, 1:], frozen[:, 1:], directions[1:], X_AXIS, torch.tensor([1.0]))
+
+
 @pytest.mark.parametrize("off", ["pull", "push", "retain"])
 def test_any_weight_may_be_zero(off):
     """Lens fault: turning a term off crashed. A zero-weight term is neither computed nor needed."""

@@ -18,7 +18,7 @@ from conftest import make_tiny_model
 
 from lenssteer.data import ParallelCorpus
 from lenssteer.extract import extract_corpus, extract_states, template_signature
-from lenssteer.heldout import representation_report
+from lenssteer.heldout import format_report, representation_report
 from lenssteer.models import model_identity, num_decoder_layers
 from lenssteer.subspace import compute_subspace
 from lenssteer.train import (
@@ -522,6 +522,46 @@ def test_subspace_probed_with_another_template(setup, tokenizer, tmp_path):
         train_lens(model, tokenizer, other, corpus, tmp_path / "a", quick_config(), progress=False)
 
 
+def test_push_strength_per_language(setup, tokenizer, tmp_path):
+    """language_alpha sets each target's push target: in scale-free units push starts at alpha²."""
+    from lenssteer.adapter import SteeringAdapter
+
+    model, corpus, subspace = setup  # en (central), fr, de
+    first_push = {}
+    for name, language_alpha in (("one", None), ("per-language", {"de": 0.0})):
+        config = quick_config(
+            alpha=3.0, language_alpha=language_alpha, normalization="scale_free", max_steps=1
+        )
+        adapter = train_lens(
+            model, tokenizer, subspace, corpus, tmp_path / name, config, progress=False
+        )
+        history = [e for e in adapter.log_history if "loss" in e]
+        first_push[name] = history[0]["loss_push"]
+    # before the first update every state is the frozen one: push = mean over targets of alpha_t²
+    assert first_push["one"] == pytest.approx(9.0, rel=1e-4)
+    assert first_push["per-language"] == pytest.approx((9.0 + 0.0) / 2, rel=1e-4)
+    loaded = SteeringAdapter.from_pretrained(tmp_path / "per-language")
+    assert loaded.config.hyperparameters["language_alpha"] == {"de": 0.0}
+    for bad, message in (
+        ({"en": 0.1}, "central language 'en'"),
+        ({"it": 0.1}, "'it', which is not a training language"),
+    ):
+        with pytest.raises(TrainingError, match=message):
+            train_lens(
+                model,
+                tokenizer,
+                subspace,
+                corpus,
+                tmp_path / "bad",
+                quick_config(language_alpha=bad),
+                progress=False,
+            )
+    with pytest.raises(TrainingError, match="language_alpha\\['de'\\] must be a finite number"):
+        TrainConfig(language_alpha={"de": "a lot"})
+    with pytest.raises(TrainingError, match="must map language codes"):
+        TrainConfig(language_alpha=0.1)
+
+
 def test_bad_settings_are_errors():
     with pytest.raises(TrainingError, match="kind"):
         TrainConfig(kind="full")
@@ -564,6 +604,11 @@ def test_representation_report_by_hand():
     assert report["summary"]["retain_mse_rel"] == pytest.approx(0.0625)
     assert report["summary"]["shrink_along_agnostic"] == pytest.approx(0.75)
     assert fr["retrieval_before"] == pytest.approx(1.0)
+    assert fr["alpha"] == 2.0 and "(alpha 2)" in format_report(report)
+    # a push strength of its own: the ratio is set against it, in the table too
+    own = representation_report(before, after, subspace, ["en", "fr"], [7], 2.0, {"fr": 0.5})
+    assert own["layers"][7]["languages"]["fr"]["alpha"] == 0.5
+    assert "| 1.00 (alpha 0.5) |" in format_report(own)
 
 
 # --------------------------------------------------------------------------------------------------
