@@ -51,6 +51,13 @@ def _languages(text: str) -> list[str]:
     return languages
 
 
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name, e.g. base,lens")
+    return names
+
+
 # A depth no model has: the CLI checks a layer spec's syntax with models.resolve_layers (the one
 # parser of layer specs) before any work; its range is checked against the model once loaded.
 _SYNTAX_ONLY_DEPTH = 100_000
@@ -746,6 +753,12 @@ def _add_compare(subparsers) -> None:
         "mmlu-translated, bible-continuation, bible-retrieval and language-fidelity)",
     )
     parser.add_argument(
+        "--systems",
+        type=_names,
+        help="comma-separated names of the config's systems to score (default: all of them), "
+        "e.g. base,lens",
+    )
+    parser.add_argument(
         "--adapter",
         action="append",
         default=[],
@@ -801,6 +814,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         languages=args.languages,
         central_language=args.central,
         tasks=args.tasks,
+        systems=args.systems,
         adapters=args.adapter,
         subspace=args.subspace,
         transplant=args.transplant,

@@ -298,6 +298,7 @@ def apply_overrides(
     languages: Sequence[str] | None = None,
     central_language: str | None = None,
     tasks: Sequence[str] | None = None,
+    systems: Sequence[str] | None = None,
     adapters: Sequence[str] = (),
     subspace: str | None = None,
     transplant: str | tuple[int, int] | None = None,
@@ -307,7 +308,8 @@ def apply_overrides(
     ``lenssteer compare``'s flags do, as a plain function. Changes ``config`` and returns it.
 
     ``tasks``: names of known tasks (the config's own settings kept) or ``.json``/``.jsonl`` files;
-    without them and without configured tasks, the four built-in tasks. Without configured
+    without them and without configured tasks, the four built-in tasks. ``systems``: keep only
+    the config's systems of these names (then the flags below add to them). Without configured
     systems, the base model. ``adapters``: the first replaces the config's first Lens adapter,
     the others add Lens systems (``lens``, ``lens-2``, ...). ``subspace``: adds the remove-specific
     baseline (at the last layer for a ``final_norm`` subspace, else the top two layers).
@@ -343,6 +345,14 @@ def apply_overrides(
         ]
     elif not config.tasks:
         config.tasks = [TaskConfig(name) for name in DEFAULT_TASKS]
+    if systems:
+        unknown = sorted(set(systems) - {system.name for system in config.systems})
+        if unknown:
+            raise CompareConfigError(
+                f"--systems names {', '.join(unknown)}, which the config does not have (it has "
+                f"{', '.join(system.name for system in config.systems) or 'none'})"
+            )
+        config.systems = [system for system in config.systems if system.name in systems]
     if not config.systems:
         config.systems = [SystemConfig("base")]
     adapters = list(adapters)

@@ -403,6 +403,21 @@ def test_apply_overrides_on_a_config():
     with pytest.raises(ValueError, match="--transplant wants SOURCE,TARGET layers, got '3'"):
         apply_overrides(CompareConfig(), transplant="3")
 
+    # --systems keeps the config's systems of those names; the adapter flag then replaces lens'
+    def three() -> CompareConfig:
+        return CompareConfig(
+            systems=[
+                SystemConfig("base"),
+                SystemConfig("lens", kind="lens", adapter="old"),
+                SystemConfig("language-shift", kind="language-shift"),
+            ]
+        )
+
+    config = apply_overrides(three(), systems=["base", "lens"], adapters=["new"])
+    assert [(s.name, s.adapter) for s in config.systems] == [("base", None), ("lens", "new")]
+    with pytest.raises(ValueError, match="--systems names lense, which the config does not have"):
+        apply_overrides(three(), systems=["base", "lense"])
+
 
 def test_bench_finds_the_scripts_or_says_how_to_get_them(tmp_path, capsys):
     from pathlib import Path
