@@ -608,6 +608,14 @@ def _add_train(subparsers) -> None:
         help="push strength for some target languages instead of --alpha, e.g. de=0.1 "
         "(a language whose answers move in ways you do not want)",
     )
+    parser.add_argument(
+        "--hold-corpus",
+        help="corpus of prompts the adapter must leave alone (e.g. mmlu-letter: lettered "
+        "multiple-choice questions): trained beside --corpus with the hold term only",
+    )
+    parser.add_argument(
+        "--hold-weight", type=float, help="weight of the hold term (default 1; retain's units)"
+    )
     parser.add_argument("--lora-rank", type=_positive_int, help="default: 8")
     parser.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -645,6 +653,8 @@ def _run_train(args: argparse.Namespace) -> int:
         "retain_targets_weight": args.retain_targets_weight,
         "alpha": args.alpha,
         "language_alpha": args.language_alpha,
+        "hold_corpus": args.hold_corpus,
+        "hold_weight": args.hold_weight,
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,
         "max_tokens": args.max_tokens,

@@ -23,6 +23,10 @@ different kind of text. Three parallel corpora of instructions, selectable as ``
   (pt's only Bible is not known to be public domain and is refused by ``load_bible``).
 * ``instructions``: both, mixed: every ``mmlu-open`` training item plus verse instructions up to
   :data:`INSTRUCTIONS_SIZE` items (languages where both exist: en, de, es, fr, it).
+* ``mmlu-letter``: the same training-split questions as ``mmlu-open``, as lettered
+  multiple-choice prompts exactly as the ``mmlu-translated`` task asks them
+  (:func:`lenssteer.mmlu.format_multiple_choice`): a classification prompt, for training's
+  ``hold_corpus`` (prompts whose states the adapter must leave in place).
 
 Ids are ``mmlu:<subject>/<position>`` and ``verse:bible:<book>.<chapter>.<verse>``, so a corpus'
 items can be checked against a task's scored ids.
@@ -44,13 +48,14 @@ __all__ = [
     "check_not_training",
     "instruction_training_corpora",
     "load_instruction_corpus",
+    "load_mmlu_letter",
     "load_mmlu_open",
     "load_verse_instructions",
     "mmlu_scored_ids",
     "mmlu_training_ids",
 ]
 
-INSTRUCTION_CORPORA = ("instructions", "mmlu-open", "verse-instructions")
+INSTRUCTION_CORPORA = ("instructions", "mmlu-letter", "mmlu-open", "verse-instructions")
 MMLU_OPEN_LANGUAGES = ("en", "de", "es", "fr", "hi", "it", "pt", "th")
 # The training split of the translated MMLU dev set: these positions (0-4) of every subject. The
 # scored complement is every other position; evaluation must never score a training item.
@@ -191,34 +196,52 @@ def _open_prompt(question: str, choices: Sequence[str], with_options: bool) -> s
     return question + "\n\n" + "\n".join(f"- {choice}" for choice in choices)
 
 
-def load_mmlu_open(languages: Sequence[str], central_language: str = "en") -> ParallelCorpus:
-    """The ``mmlu-open`` corpus: the training split's questions asked openly (module docstring)."""
+def _mmlu_training_corpus(
+    name: str, languages: Sequence[str], central_language: str, prompt
+) -> ParallelCorpus:
+    """The training split's questions in ``languages``, each made a text by ``prompt(item,
+    english_item)``."""
     from lenssteer.mmlu import load_mmlu_translated
 
-    languages = _check_requested("mmlu-open", languages, MMLU_OPEN_LANGUAGES)
+    languages = _check_requested(name, languages, MMLU_OPEN_LANGUAGES)
     training = set(mmlu_training_ids())
     english = {item.id: item for item in load_mmlu_translated("en") if item.id in training}
     ids = sorted(english)
     texts = {}
     for language in languages:
         items = {item.id: item for item in load_mmlu_translated(language) if item.id in training}
-        texts[language] = [
-            _open_prompt(
-                items[item_id].question,
-                items[item_id].choices,
-                _needs_options(english[item_id].question),
-            )
-            for item_id in ids
-        ]
+        texts[language] = [prompt(items[item_id], english[item_id]) for item_id in ids]
     return ParallelCorpus(
         texts=texts,
         central_language=central_language,
         ids=[f"mmlu:{item_id}" for item_id in ids],
-        source=f"mmlu-open (translated MMLU dev, training positions {list(MMLU_TRAINING_POSITIONS)})",
+        source=f"{name} (translated MMLU dev, training positions {list(MMLU_TRAINING_POSITIONS)})",
         licences={
             language: "MMLU (MIT), translations from the installed lm_eval package (licence unclear)"
             for language in languages
         },
+    )
+
+
+def load_mmlu_open(languages: Sequence[str], central_language: str = "en") -> ParallelCorpus:
+    """The ``mmlu-open`` corpus: the training split's questions asked openly (module docstring)."""
+    return _mmlu_training_corpus(
+        "mmlu-open",
+        languages,
+        central_language,
+        lambda item, english: _open_prompt(
+            item.question, item.choices, _needs_options(english.question)
+        ),
+    )
+
+
+def load_mmlu_letter(languages: Sequence[str], central_language: str = "en") -> ParallelCorpus:
+    """The ``mmlu-letter`` corpus: the training split's questions as lettered multiple-choice
+    prompts, the text the ``mmlu-translated`` task puts in the user turn."""
+    from lenssteer.mmlu import multiple_choice_body
+
+    return _mmlu_training_corpus(
+        "mmlu-letter", languages, central_language, lambda item, _: multiple_choice_body(item)
     )
 
 
@@ -293,6 +316,8 @@ def load_instruction_corpus(
     """One of :data:`INSTRUCTION_CORPORA` in ``languages`` (central first in the result)."""
     if name == "mmlu-open":
         return load_mmlu_open(languages or (), central_language)
+    if name == "mmlu-letter":
+        return load_mmlu_letter(languages or (), central_language)
     if name == "verse-instructions":
         return load_verse_instructions(languages or (), central_language)
     if name != "instructions":

@@ -43,6 +43,7 @@ __all__ = [
     "TaskDataError",
     "align_items",
     "format_multiple_choice",
+    "multiple_choice_body",
     "load_mmlu_translated",
     "load_task",
     "sample_items",
@@ -402,6 +403,16 @@ class MultipleChoicePrompt:
     chat_template: bool
 
 
+def multiple_choice_body(item: MultipleChoiceItem, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The question, its lettered options (``A. ...``) and the instruction, one per line."""
+    letters = LETTERS[: len(item.choices)]
+    options = "\n".join(
+        f"{letter}. {choice}" for letter, choice in zip(letters, item.choices, strict=True)
+    )
+    body = f"{item.question}\n{options}"
+    return f"{body}\n{instruction}" if instruction else body
+
+
 def format_multiple_choice(
     tokenizer,
     item: MultipleChoiceItem,
@@ -429,12 +440,7 @@ def format_multiple_choice(
             "use chat_template=False for base models"
         )
     letters = LETTERS[: len(item.choices)]
-    options = "\n".join(
-        f"{letter}. {choice}" for letter, choice in zip(letters, item.choices, strict=True)
-    )
-    body = f"{item.question}\n{options}"
-    if instruction:
-        body = f"{body}\n{instruction}"
+    body = multiple_choice_body(item, instruction)
     if chat_template:
         from lenssteer.extract import format_texts
 

@@ -194,7 +194,8 @@ def push_loss(
 def retain_loss(
     central: torch.Tensor, frozen_central: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean squared distance of the central language's states from the frozen ones. ``(B, L, H)``.
+    """Mean squared distance of the central language's states from the frozen ones. ``(B, L, H)``
+    (any leading dimensions: training's *hold* term passes ``(B, K, L, H)``, every language).
 
     With ``scale`` ``(L,)`` each squared distance is divided by ``scale[l]`` instead of ``H``.
     """

@@ -72,7 +72,7 @@ from lenssteer.models import (
     model_dtype,
     model_identity,
 )
-from lenssteer.objectives import LensObjective, lens_losses, loss_scales
+from lenssteer.objectives import LensObjective, lens_losses, loss_scales, retain_loss
 from lenssteer.subspace import SubspaceError
 from lenssteer.training_data import TrainingData, TrainingError, prepare_training_data
 
@@ -111,6 +111,10 @@ class TrainConfig:
     :mod:`lenssteer.objectives`).
     ``language_alpha``: push strength per target language, e.g. ``{"de": 0.1}``, overriding
     ``alpha`` for the languages named (ours; Lens has one strength).
+    ``hold_corpus``: a corpus name (e.g. ``"mmlu-letter"``, classification prompts) whose items
+    train beside the training corpus' with one term only, *hold*: every language's state stays at
+    its frozen value (ours, not Lens'), weighted ``hold_weight``, in retain's units. The adapter
+    then learns to steer prompts like the training corpus' and to leave prompts like these alone.
     ``max_tokens``: texts longer than this many tokens are cut, with a warning naming the row
     (default: the model's context; see :func:`lenssteer.extract.default_max_tokens`).
     """
@@ -124,6 +128,8 @@ class TrainConfig:
     retain_targets_weight: float = 0.0
     alpha: float = 1.0
     language_alpha: dict[str, float] | None = None
+    hold_corpus: str | None = None
+    hold_weight: float = 1.0
     pull_space: str = "direction"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -158,6 +164,8 @@ class TrainConfig:
             raise TrainingError(str(error)) from None
         if self.n_layers < 1:
             raise TrainingError(f"n_layers must be >= 1, got {self.n_layers}")
+        if not isinstance(self.hold_weight, (int, float)) or not self.hold_weight >= 0:
+            raise TrainingError(f"hold_weight must be a number >= 0, got {self.hold_weight!r}")
         for name in ("learning_rate", "num_epochs", "lora_alpha", "lora_dropout", "warmup_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -515,9 +523,11 @@ class LensTrainingModule(nn.Module):
         representation: str = "residual",
         scales: dict[str, torch.Tensor] | None = None,
         alphas: torch.Tensor | None = None,
+        hold_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
+        self.hold_weight = hold_weight
         self.register_buffer(  # push strength per language (TrainConfig.language_alpha)
             "alphas", None if alphas is None else alphas.float(), persistent=False
         )
@@ -584,24 +594,47 @@ class LensTrainingModule(nn.Module):
         item_index: torch.Tensor | None = None,
         prefix_inputs: torch.Tensor | None = None,
         suffix_mask: torch.Tensor | None = None,
+        hold: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """The Lens terms on the batch's items, and with ``hold (B,)`` the *hold* term on the items
+        it marks (their states of every language against the frozen ones, in retain's units; 0 in
+        a batch without such items)."""
         if item_index is not None:
             self.items_seen.update(int(i) for i in item_index)
         states = self.pooled_states(
             attention_mask, layer_inputs, input_ids, prefix_inputs, suffix_mask
         )
         states = states.reshape(frozen.shape)
-        return lens_losses(
-            states,
-            frozen,
-            self.basis,
-            self.directions,
-            self.central_index,
-            self.objective,
-            self.agnostic_direction,
-            {name: getattr(self, f"{name}_scale") for name in self.scale_names} or None,
-            alphas=self.alphas,
-        )
+        scales = {name: getattr(self, f"{name}_scale") for name in self.scale_names} or None
+
+        def lens(rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+            return lens_losses(
+                states[rows],
+                frozen[rows],
+                self.basis,
+                self.directions,
+                self.central_index,
+                self.objective,
+                self.agnostic_direction,
+                scales,
+                alphas=self.alphas,
+            )
+
+        if hold is None:
+            return lens(slice(None))
+        hold = hold.bool()
+        steer = ~hold
+        if bool(steer.any()):
+            out = lens(steer)
+        else:  # only hold items in this batch: the Lens terms are 0 this step
+            out = {name: 0.0 * value for name, value in lens(slice(None)).items()}
+        if self.hold_weight:
+            held = states.new_zeros(())
+            if bool(hold.any()):
+                held = retain_loss(states[hold], frozen[hold], (scales or {}).get("retain"))
+            out["hold"] = held
+            out["loss"] = out["loss"] + self.hold_weight * held
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -810,11 +843,26 @@ def training_data(
 ) -> TrainingData:
     """The frozen pass :func:`train_lens` makes for ``config`` (its layers, pooling, template and
     representation read from ``subspace``), to share between runs that differ only in the loss's
-    weights or the optimizer's settings (pass it as ``data=``)."""
+    weights or the optimizer's settings (pass it as ``data=``). With ``config.hold_corpus`` its
+    items follow the corpus' and are marked in ``hold``."""
     trained, loss_layers = resolve_training_layers(
         model, config.n_layers, subspace.layers, config.loss_layers, module_names
     )
-    return prepare_training_data(
+    held = hold_items(corpus, config)
+    if held is not None:  # one pass over both: ids made distinct (a question may be in both)
+        from lenssteer.data import ParallelCorpus
+
+        corpus = ParallelCorpus(
+            texts={
+                language: corpus.texts[language] + held.texts[language]
+                for language in corpus.languages
+            },
+            central_language=corpus.central_language,
+            ids=list(corpus.ids) + [f"hold:{item_id}" for item_id in held.ids],
+            source=f"{corpus.source} + hold: {held.source}",
+            licences=corpus.licences,
+        )
+    data = prepare_training_data(
         model,
         tokenizer,
         corpus,
@@ -829,6 +877,23 @@ def training_data(
         representation=config.representation,
         max_tokens=config.max_tokens,
     )
+    if held is not None:
+        data.hold = torch.arange(len(data)) >= len(data) - len(held)
+    return data
+
+
+def hold_items(corpus, config: TrainConfig):
+    """The items of ``config.hold_corpus`` in ``corpus``' languages (``None`` without one)."""
+    if config.hold_corpus is None:
+        return None
+    from lenssteer.data import CorpusError, load_corpus
+
+    try:
+        return load_corpus(
+            config.hold_corpus, list(corpus.languages), central_language=corpus.central_language
+        )
+    except CorpusError as error:
+        raise TrainingError(f"hold_corpus {config.hold_corpus!r}: {error}") from None
 
 
 def train_lens(
@@ -891,6 +956,8 @@ def train_lens(
     identity = dict(model_identity(model))
     base = base_model_description(model)
 
+    held = hold_items(corpus, config)
+    n_hold = 0 if held is None else len(held)
     if data is None:
         data = training_data(model, tokenizer, subspace, corpus, config, progress, module_names)
     else:
@@ -903,6 +970,14 @@ def train_lens(
             )
         if data.loss_layers != loss_layers:
             data = data.with_loss_layers(loss_layers)
+    data_holds = 0 if data.hold is None else int(data.hold.sum())
+    if (len(data), data_holds) != (len(corpus) + n_hold, n_hold):
+        raise TrainingError(
+            f"the precomputed data have {len(data)} items, {data_holds} of them to hold; this "
+            f"run has {len(corpus)} and {n_hold} (hold_corpus {config.hold_corpus!r}): make them "
+            "with training_data for this config"
+        )
+    steered = slice(None) if data.hold is None else ~data.hold
 
     positions = [subspace.layer_position(layer) for layer in loss_layers]
     language_positions = [subspace.language_position(language) for language in languages]
@@ -913,8 +988,8 @@ def train_lens(
     if objective.normalization == "scale_free":
         unit = agnostic.float() / agnostic.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
         try:
-            scales = loss_scales(
-                data.frozen,
+            scales = loss_scales(  # on the items the Lens terms read
+                data.frozen[steered],
                 basis.float(),
                 data.central_index,
                 unit if objective.pull_space == "direction" else None,
@@ -939,6 +1014,7 @@ def train_lens(
             representation=config.representation,
             scales=scales,
             alphas=alphas,
+            hold_weight=config.hold_weight if held is not None else 0.0,
         )
         _check_reproduces_frozen(module, data, split_prefix=config.share_prefix)
 
@@ -1002,7 +1078,9 @@ def train_lens(
             config, base, trained, loss_layers, data, subspace, subspace_path, chat_template
         )
         # which items trained it: compare keeps them out of every scored task
-        adapter_config.training_items = [str(item_id) for item_id in corpus.ids]
+        adapter_config.training_items = [
+            str(item_id) for item_id in dict.fromkeys([*corpus.ids, *(held.ids if held else [])])
+        ]
         if command:  # the command line that made it, for reproduction
             adapter_config.metrics["command"] = command
         adapter_config.metrics["train"] = {
@@ -1012,6 +1090,7 @@ def train_lens(
             "runtime_s": round(elapsed, 2),
             "items_seen": len(module.items_seen),
             "n_items": len(data),
+            "n_hold_items": n_hold,
             "first_log": history[0] if history else None,
             "last_log": history[-1] if history else None,
             "processes": trainer.args.world_size,

@@ -65,6 +65,8 @@ class TrainingData(torch.utils.data.Dataset):
     * ``token_ids (T,)``, ``suffix_states (T, H)``, ``offsets (N*K + 1,)``: suffix tokens of every
       sequence, concatenated, and their inputs to the first trained layer.
     * ``frozen (N, K, L, H)``: the frozen model's pooled states at the loss layers.
+    * ``hold (N,)``, optional: items whose states the adapter must leave in place (training's
+      ``hold_corpus``); the Lens terms read the other items only.
     """
 
     languages: list[str]
@@ -83,6 +85,7 @@ class TrainingData(torch.utils.data.Dataset):
     pad_token_id: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     representation: str = "residual"
+    hold: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.frozen.shape[0]
@@ -119,8 +122,11 @@ class TrainingData(torch.utils.data.Dataset):
             "metadata": self.metadata,
             "representation": self.representation,
         }
+        tensors = {name: getattr(self, name) for name in self._TENSORS}
+        if self.hold is not None:
+            tensors["hold"] = self.hold
         atomic_save_tensors(
-            {name: getattr(self, name) for name in self._TENSORS},
+            tensors,
             path,
             metadata={"format": "lenssteer-training-data", "header": json.dumps(header)},
         )
@@ -136,6 +142,8 @@ class TrainingData(torch.utils.data.Dataset):
             if meta.get("format") != "lenssteer-training-data":
                 raise TrainingError(f"{path} is not a lenssteer training-data file")
             tensors = {name: handle.get_tensor(name) for name in cls._TENSORS}
+            if "hold" in handle.keys():
+                tensors["hold"] = handle.get_tensor("hold")
         return cls(**json.loads(meta["header"]), **tensors)
 
     def with_loss_layers(self, layers: Sequence[int]) -> TrainingData:
@@ -163,7 +171,7 @@ class TrainingData(torch.utils.data.Dataset):
         """A right-padded batch of ``B`` items (``B*K`` sequences, item-major).
 
         Returns ``attention_mask (B*K, S)`` (whole sequences), ``frozen (B, K, L, H)``,
-        ``item_index (B,)`` and, as asked, ``input_ids (B*K, S)`` and ``layer_inputs (B*K, S, H)``.
+        ``item_index (B,)``, ``hold (B,)`` (with :attr:`hold`) and, as asked, ``input_ids (B*K, S)`` and ``layer_inputs (B*K, S, H)``.
         With ``split_prefix`` (and a shared prefix), ``layer_inputs`` holds the suffixes only,
         ``(B*K, S - P, H)``, with ``suffix_mask (B*K, S - P)``, and ``prefix_inputs (P, H)`` the
         shared prefix once.
@@ -204,6 +212,8 @@ class TrainingData(torch.utils.data.Dataset):
                 batch["suffix_mask"] = mask[:, prefix:].contiguous()
         batch["frozen"] = self.frozen[torch.tensor(items)]
         batch["item_index"] = torch.tensor(items)
+        if self.hold is not None:
+            batch["hold"] = self.hold[torch.tensor(items)]
         return batch
 
 

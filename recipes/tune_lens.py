@@ -306,7 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             trained, loss_layers = resolve_training_layers(
                 model, config.n_layers, subspace.layers, config.loss_layers
             )
-            key = (str(path), trained[0], tuple(loss_layers), corpus.data_hash(), config.max_tokens)
+            key = (
+                str(path),
+                trained[0],
+                tuple(loss_layers),
+                corpus.data_hash(),
+                config.max_tokens,
+                config.hold_corpus,
+            )
             cached = out / "frozen" / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.st"
             if key not in frozen and cached.exists():
                 frozen[key] = TrainingData.load(cached)
