@@ -47,4 +47,7 @@ tune_shipped '[{"alpha": 0.2}, {"alpha": 0.25}]' "$out/tune-alpha"
 # step 5: German, whose multiemo labels moved in every configuration from alpha 0.2 on, pushed less
 tune_shipped '[{"language_alpha": {"de": 0.1}}, {"language_alpha": {"de": 0.0}}, {"alpha": 0.25, "language_alpha": {"de": 0.1}}]' \
     "$out/tune-language-alpha"
+# step 6: lettered multiple-choice prompts held in place (the hold term) while push steers the rest
+tune_shipped '[{"hold_corpus": "mmlu-letter", "hold_weight": 2.0}, {"hold_corpus": "mmlu-letter", "hold_weight": 8.0}]' \
+    "$out/tune-hold"
 "$lenssteer" compare --config recipes/compare_lens_smollm2.toml

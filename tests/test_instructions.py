@@ -86,6 +86,29 @@ def test_mmlu_open_uses_the_training_split_only():
         check_not_training([f"mmlu:{training[0]}"])
 
 
+def test_mmlu_letter_is_the_task_prompt_of_the_training_split():
+    """The hold corpus asks the training split's questions exactly as mmlu-translated does."""
+    from transformers import AutoTokenizer
+
+    from lenssteer.extract import format_texts
+    from lenssteer.mmlu import format_multiple_choice
+    from lenssteer.models import bundled_model_folder
+
+    corpus = load_corpus("mmlu-letter", TRAINED)
+    assert corpus.ids == load_corpus("mmlu-open", TRAINED).ids  # the same 57 questions
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_folder("smollm2-135m-instruct"))
+    for language in TRAINED:
+        items = {f"mmlu:{item.id}": item for item in load_mmlu_translated(language)}
+        for i in (0, 30, 56):
+            item = items[corpus.ids[i]]
+            text = corpus.texts[language][i]
+            assert text.startswith(item.question) and "\nD. " in text
+            # templated as training templates it = the prompt the task scores letters after
+            assert format_texts(tokenizer, [text], True)[0] == (
+                format_multiple_choice(tokenizer, item).text
+            )
+
+
 def test_mmlu_questions_are_asked_openly():
     corpus = load_corpus("mmlu-open", TRAINED)
     english = {f"mmlu:{item.id}": item for item in load_mmlu_translated("en")}

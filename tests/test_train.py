@@ -29,6 +29,7 @@ from lenssteer.train import (
     resolve_training_layers,
     top_layer_states,
     train_lens,
+    training_data,
     trainable_top_layers,
 )
 from lenssteer.training_data import prepare_training_data
@@ -560,6 +561,100 @@ def test_push_strength_per_language(setup, tokenizer, tmp_path):
         TrainConfig(language_alpha={"de": "a lot"})
     with pytest.raises(TrainingError, match="must map language codes"):
         TrainConfig(language_alpha=0.1)
+
+
+def test_hold_corpus_leaves_its_prompts_in_place(setup, tokenizer, tmp_path):
+    """Held prompts (lettered MMLU questions) stay put; the training prompts are still pushed."""
+    from lenssteer.data import load_corpus
+    from lenssteer.heldout import heldout_report
+
+    model, corpus, subspace = setup  # en (central), fr, de
+    held = load_corpus("mmlu-letter", list(corpus.languages))
+    push = {}
+    for weight in (0.0, 20.0):
+        config = quick_config(
+            hold_corpus="mmlu-letter",
+            hold_weight=weight,
+            alpha=3.0,
+            num_epochs=6.0,
+            normalization="scale_free",
+        )
+        adapter = train_lens(
+            model, tokenizer, subspace, corpus, tmp_path / str(weight), config, progress=False
+        )
+        assert adapter.config.metrics["train"]["n_hold_items"] == len(held) == 57
+        assert set(held.ids) <= set(adapter.config.training_items)  # never scored by compare
+        push[weight] = {
+            name: heldout_report(model, tokenizer, adapter, subspace, part, progress=False)[
+                "summary"
+            ]
+            for name, part in (("held", held), ("trained", corpus))
+        }
+    # weight 0: the held prompts move with the rest (one adapter for every prompt)
+    assert push[0.0]["held"]["push_ratio"] > 0.5
+    assert abs(push[20.0]["held"]["push_ratio"]) < 0.1 * push[0.0]["held"]["push_ratio"]
+    assert push[20.0]["held"]["retain_mse_rel"] < 0.1 * push[0.0]["held"]["retain_mse_rel"]
+    assert push[20.0]["trained"]["push_ratio"] > 0.5  # the training prompts are still pushed
+
+
+def test_hold_term_by_its_definition(setup, tokenizer, tmp_path):
+    """The Lens terms read the training items only; hold = retain's distance over every language of
+    the held items; precomputed data without the held items are refused."""
+    from lenssteer.objectives import lens_losses, retain_loss
+
+    model, corpus, subspace = setup
+    config = quick_config(hold_corpus="mmlu-letter", hold_weight=3.0)
+    data = training_data(model, tokenizer, subspace, corpus, config, progress=False)
+    assert len(data) == len(corpus) + 57 and data.hold.sum() == 57 and not data.hold[:8].any()
+    batch = data.collate([1, 5, 20, 40], layer_inputs=True, split_prefix=True)
+    assert batch["hold"].tolist() == [False, False, True, True]
+    with trainable_top_layers(model, [2, 3], config) as trainable:
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for p in trainable.parameters().values():
+                p.add_(0.05 * torch.randn_like(p))
+        module = LensTrainingModule(
+            model,
+            subspace.specific_basis,
+            subspace.directions.transpose(0, 1),
+            0,
+            2,
+            [2, 3],
+            "last",
+            config.objective(),
+            agnostic=subspace.agnostic,
+            hold_weight=3.0,
+        )
+        out = module(**batch)
+        inputs = {k: v for k, v in batch.items() if k not in ("frozen", "item_index", "hold")}
+        states = module.pooled_states(
+            inputs["attention_mask"],
+            inputs["layer_inputs"],
+            None,
+            inputs.get("prefix_inputs"),
+            inputs.get("suffix_mask"),
+        ).reshape(batch["frozen"].shape)
+    frozen = batch["frozen"]
+    lens = lens_losses(
+        states[:2],
+        frozen[:2],
+        module.basis,
+        module.directions,
+        0,
+        config.objective(),
+        module.agnostic_direction,
+    )
+    hold = retain_loss(states[2:], frozen[2:])
+    for name in ("pull", "push", "retain"):
+        torch.testing.assert_close(out[name], lens[name])
+    torch.testing.assert_close(out["hold"], hold)
+    torch.testing.assert_close(out["loss"], lens["loss"] + 3.0 * hold)
+    assert hold > 0
+    without = training_data(model, tokenizer, subspace, corpus, quick_config(), progress=False)
+    with pytest.raises(TrainingError, match="57"):
+        train_lens(
+            model, tokenizer, subspace, corpus, tmp_path / "a", config, data=without, progress=False
+        )
 
 
 def test_bad_settings_are_errors():
