@@ -1,7 +1,7 @@
 """Parallel instruction-style prompts for Lens training, built offline in every language we train.
 
 Lens trains on questions a user would ask (translated Alpaca instructions); Bible verses alone are a
-different kind of text. Three parallel corpora of instructions, selectable as ``--corpus`` names
+different kind of text. Four parallel corpora of prompts, selectable as ``--corpus`` names
 (:func:`lenssteer.data.load_corpus`) and by :func:`load_instruction_corpus`:
 
 * ``mmlu-open``: the translated MMLU dev questions (read at run time from the installed ``lm_eval``

@@ -43,9 +43,9 @@ __all__ = [
     "TaskDataError",
     "align_items",
     "format_multiple_choice",
-    "multiple_choice_body",
     "load_mmlu_translated",
     "load_task",
+    "multiple_choice_body",
     "sample_items",
 ]
 

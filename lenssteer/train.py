@@ -860,7 +860,10 @@ def training_data(
             central_language=corpus.central_language,
             ids=list(corpus.ids) + [f"hold:{item_id}" for item_id in held.ids],
             source=f"{corpus.source} + hold: {held.source}",
-            licences=corpus.licences,
+            licences={
+                language: "; ".join(dict.fromkeys([corpus.licences[language], licence]))
+                for language, licence in held.licences.items()
+            },
         )
     data = prepare_training_data(
         model,
@@ -1079,7 +1082,7 @@ def train_lens(
         )
         # which items trained it: compare keeps them out of every scored task
         adapter_config.training_items = [
-            str(item_id) for item_id in dict.fromkeys([*corpus.ids, *(held.ids if held else [])])
+            str(item_id) for item_id in dict.fromkeys([*corpus.ids, *(held.ids if held is not None else [])])
         ]
         if command:  # the command line that made it, for reproduction
             adapter_config.metrics["command"] = command
