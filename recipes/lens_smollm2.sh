@@ -18,7 +18,8 @@
 # min of dev scoring in float32 on 2 threads). Step 5: German pushed less (a push strength per
 # language); nothing shipped. Step 6: lettered multiple-choice prompts held in place (the hold
 # term) beside the instruction prompts; shipped, then scored on the powered comparison (base and
-# Lens; about 22 min with bf16 on AMX, an hour in float32 on CPUs without it).
+# Lens; about 22 min with bf16 on AMX, 41 min in float32 on CPUs without it). Step 7: a
+# stronger push with the hold term, on dev; nothing shipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash recipes/setup_env.sh
@@ -56,6 +57,8 @@ tune_shipped '[{"language_alpha": {"de": 0.1}}, {"language_alpha": {"de": 0.0}},
 tune_shipped '[{"hold_corpus": "mmlu-letter", "hold_weight": 2.0}, {"hold_corpus": "mmlu-letter", "hold_weight": 8.0}]' \
     "$out/tune-hold" --ship checkpoints/smollm2-135m-instruct-lens \
     --earlier-selection checkpoints/smollm2-135m-instruct-lens
+# step 7: a stronger push with the hold term (dev only; no better, nothing shipped)
+tune_shipped '[{"hold_corpus": "mmlu-letter", "hold_weight": 2.0, "alpha": 0.45}]' "$out/tune-hold-alpha"
 "$lenssteer" compare --config recipes/compare_lens_smollm2.toml
 "$lenssteer" compare --config recipes/compare_full_smollm2-135m-instruct.toml --systems base,lens \
     --dtype auto --out docs/lens-study/smollm2-hold-scored
