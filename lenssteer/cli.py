@@ -616,6 +616,11 @@ def _add_train(subparsers) -> None:
     parser.add_argument(
         "--hold-weight", type=float, help="weight of the hold term (default 1; retain's units)"
     )
+    parser.add_argument(
+        "--hold-limit",
+        type=_positive_int,
+        help="at most N items of --hold-corpus (default all; e.g. for --hold-corpus bible)",
+    )
     parser.add_argument("--lora-rank", type=_positive_int, help="default: 8")
     parser.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -655,6 +660,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "language_alpha": args.language_alpha,
         "hold_corpus": args.hold_corpus,
         "hold_weight": args.hold_weight,
+        "hold_limit": args.hold_limit,
         "lora_rank": args.lora_rank,
         "save_steps": args.save_steps,
         "max_tokens": args.max_tokens,

@@ -84,6 +84,7 @@ __all__ = [
     "LensTrainingModule",
     "TrainConfig",
     "TrainingError",
+    "hold_items",
     "resolve_training_layers",
     "top_layer_states",
     "train_adapter",
@@ -115,6 +116,7 @@ class TrainConfig:
     train beside the training corpus' with one term only, *hold*: every language's state stays at
     its frozen value (ours, not Lens'), weighted ``hold_weight``, in retain's units. The adapter
     then learns to steer prompts like the training corpus' and to leave prompts like these alone.
+    ``hold_limit``: at most this many of its items (drawn with ``seed``; default all).
     ``max_tokens``: texts longer than this many tokens are cut, with a warning naming the row
     (default: the model's context; see :func:`lenssteer.extract.default_max_tokens`).
     """
@@ -130,6 +132,7 @@ class TrainConfig:
     language_alpha: dict[str, float] | None = None
     hold_corpus: str | None = None
     hold_weight: float = 1.0
+    hold_limit: int | None = None
     pull_space: str = "direction"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -166,6 +169,12 @@ class TrainConfig:
             raise TrainingError(f"n_layers must be >= 1, got {self.n_layers}")
         if not isinstance(self.hold_weight, (int, float)) or not self.hold_weight >= 0:
             raise TrainingError(f"hold_weight must be a number >= 0, got {self.hold_weight!r}")
+        if self.hold_limit is not None and (
+            isinstance(self.hold_limit, bool)
+            or not isinstance(self.hold_limit, int)
+            or self.hold_limit < 1
+        ):
+            raise TrainingError(f"hold_limit must be a positive integer, got {self.hold_limit!r}")
         for name in ("learning_rate", "num_epochs", "lora_alpha", "lora_dropout", "warmup_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -893,7 +902,11 @@ def hold_items(corpus, config: TrainConfig):
 
     try:
         return load_corpus(
-            config.hold_corpus, list(corpus.languages), central_language=corpus.central_language
+            config.hold_corpus,
+            list(corpus.languages),
+            central_language=corpus.central_language,
+            limit=config.hold_limit,
+            seed=config.seed,
         )
     except CorpusError as error:
         raise TrainingError(f"hold_corpus {config.hold_corpus!r}: {error}") from None

@@ -26,6 +26,7 @@ from lenssteer.train import (
     TrainConfig,
     TrainingError,
     full_forward_states,
+    hold_items,
     resolve_training_layers,
     top_layer_states,
     train_lens,
@@ -650,6 +651,12 @@ def test_hold_term_by_its_definition(setup, tokenizer, tmp_path):
     torch.testing.assert_close(out["hold"], hold)
     torch.testing.assert_close(out["loss"], lens["loss"] + 3.0 * hold)
     assert hold > 0
+    few = quick_config(hold_corpus="mmlu-letter", hold_limit=5)
+    assert training_data(model, tokenizer, subspace, corpus, few, progress=False).hold.sum() == 5
+    with pytest.raises(TrainingError, match="hold_limit must be a positive integer"):
+        quick_config(hold_limit=0)
+    with pytest.raises(TrainingError, match="hold_corpus 'no-such-corpus'"):
+        hold_items(corpus, quick_config(hold_corpus="no-such-corpus"))
     without = training_data(model, tokenizer, subspace, corpus, quick_config(), progress=False)
     with pytest.raises(TrainingError, match="57"):
         train_lens(
