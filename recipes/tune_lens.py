@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 corpus.data_hash(),
                 config.max_tokens,
                 config.hold_corpus,
+                config.hold_limit,
             )
             cached = out / "frozen" / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.st"
             if key not in frozen and cached.exists():
